@@ -1,0 +1,185 @@
+"""Cluster, key, certificate and node records in the configuration database.
+Every function takes a connection inside the caller's transaction."""
+
+from datetime import datetime
+
+import sqlalchemy as sa
+
+from rmsd import pki
+from rmsd.errors import RmsdError
+from rmsd.keys import ClusterKey, KeyProvider, NewKey
+from rmsd.schema import certificates, cluster_keys, clusters, content, racs, servers
+
+
+def get_cluster(conn: sa.Connection, name: str):
+    return conn.execute(sa.select(clusters).where(clusters.c.name == name)).first()
+
+
+def other_cluster(conn: sa.Connection, name: str):
+    return conn.execute(sa.select(clusters).where(clusters.c.name != name)).first()
+
+
+def keys_of(conn: sa.Connection, cluster_id: int) -> list:
+    query = sa.select(cluster_keys).where(cluster_keys.c.cluster_id == cluster_id)
+    return list(conn.execute(query.order_by(cluster_keys.c.created_at)))
+
+
+def key_row(conn: sa.Connection, key_id: str):
+    return conn.execute(sa.select(cluster_keys).where(cluster_keys.c.id == key_id)).first()
+
+
+def active_key_row(conn: sa.Connection, cluster_id: int):
+    rows = [k for k in keys_of(conn, cluster_id) if k.status == "active"]
+    if len(rows) != 1:
+        raise RmsdError(f"cluster has {len(rows)} active keys instead of exactly one; the database is damaged")
+    return rows[0]
+
+
+def current_slc_row(conn: sa.Connection, cluster_id: int, key_id: str):
+    query = (
+        sa.select(certificates)
+        .where(certificates.c.cluster_id == cluster_id, certificates.c.key_id == key_id)
+        .order_by(certificates.c.not_after.desc())
+    )
+    return conn.execute(query).first()
+
+
+def insert_key(conn: sa.Connection, cluster_id: int, provider: KeyProvider, new: NewKey, now: datetime) -> None:
+    conn.execute(
+        cluster_keys.insert().values(
+            id=new.key_id,
+            cluster_id=cluster_id,
+            status="active",
+            protection=provider.protection,
+            size=new.size,
+            public_key_pem=new.public_key_pem,
+            encrypted_private_key=new.encrypted_private_key,
+            token_label=new.token_label,
+            key_label=new.key_label,
+            wrap_alg=new.wrap_alg,
+            sign_alg=new.sign_alg,
+            created_at=now,
+            status_changed_at=now,
+        )
+    )
+
+
+def insert_slc(conn: sa.Connection, cluster_id: int, cert, issuer_key_id: str, key_id: str, now: datetime) -> None:
+    conn.execute(
+        certificates.insert().values(
+            serial=pki.serial_hex(cert),
+            cluster_id=cluster_id,
+            kind="slc",
+            key_id=key_id,
+            issuer_key_id=issuer_key_id,
+            pem=pki.to_pem(cert),
+            fingerprint_sha256=pki.fingerprint(cert),
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            created_at=now,
+        )
+    )
+
+
+def provision_root(
+    conn: sa.Connection, *, name: str, intranet_url: str, extranet_url: str | None,
+    provider: KeyProvider, new_key: NewKey, now: datetime,
+) -> None:
+    """Cluster row, its first active key and its self-issued SLC, in the caller's transaction."""
+    cluster_id = conn.execute(
+        clusters.insert().values(
+            name=name,
+            role="root",
+            state="provisioned",
+            intranet_url=intranet_url,
+            extranet_url=extranet_url,
+            key_protection=provider.protection,
+            key_size=new_key.size,
+            created_at=now,
+            updated_at=now,
+        )
+    ).inserted_primary_key[0]
+    insert_key(conn, cluster_id, provider, new_key, now)
+    key: ClusterKey = new_key.loaded
+    slc = pki.issue_root_slc(key, name, [u for u in (intranet_url, extranet_url) if u], now)
+    insert_slc(conn, cluster_id, slc, key.key_id, key.key_id, now)
+
+
+def update_cluster(conn: sa.Connection, cluster_id: int, now: datetime, **values) -> None:
+    conn.execute(clusters.update().where(clusters.c.id == cluster_id).values(updated_at=now, **values))
+
+
+def delete_cluster(conn: sa.Connection, cluster_id: int) -> None:
+    for table in (racs, content, servers, certificates, cluster_keys):
+        conn.execute(table.delete().where(table.c.cluster_id == cluster_id))
+    conn.execute(clusters.delete().where(clusters.c.id == cluster_id))
+
+
+def servers_of(conn: sa.Connection, cluster_id: int) -> list:
+    return list(conn.execute(sa.select(servers).where(servers.c.cluster_id == cluster_id).order_by(servers.c.name)))
+
+
+def server_row(conn: sa.Connection, cluster_id: int, name: str):
+    query = sa.select(servers).where(servers.c.cluster_id == cluster_id, servers.c.name == name)
+    return conn.execute(query).first()
+
+
+def save_server(conn, cluster_id: int, name: str, listen_address: str, port: int, now: datetime) -> None:
+    if server_row(conn, cluster_id, name) is None:
+        conn.execute(
+            servers.insert().values(
+                cluster_id=cluster_id, name=name, listen_address=listen_address, port=port, joined_at=now
+            )
+        )
+    else:
+        conn.execute(
+            servers.update()
+            .where(servers.c.cluster_id == cluster_id, servers.c.name == name)
+            .values(listen_address=listen_address, port=port)
+        )
+
+
+def delete_server(conn: sa.Connection, cluster_id: int, name: str) -> None:
+    conn.execute(servers.delete().where(servers.c.cluster_id == cluster_id, servers.c.name == name))
+
+
+def heartbeat(conn: sa.Connection, cluster_id: int, name: str, now: datetime) -> None:
+    conn.execute(
+        servers.update().where(servers.c.cluster_id == cluster_id, servers.c.name == name).values(last_heartbeat=now)
+    )
+
+
+def content_counts(conn: sa.Connection, cluster_id: int) -> dict[str, int]:
+    query = (
+        sa.select(content.c.key_id, sa.func.count())
+        .where(content.c.cluster_id == cluster_id)
+        .group_by(content.c.key_id)
+    )
+    return {key_id: count for key_id, count in conn.execute(query)}
+
+
+def record_content(conn, cluster_id: int, pl: dict, now: datetime) -> None:
+    conn.execute(
+        content.insert().values(
+            pl_id=pl["pl_id"],
+            cluster_id=cluster_id,
+            content_id=pl["content_id"],
+            owner=pl["owner"],
+            key_id=pl["key_id"],
+            rights=pl["rights"],
+            created_at=now,
+        )
+    )
+
+
+def content_row(conn: sa.Connection, pl_id: str):
+    return conn.execute(sa.select(content).where(content.c.pl_id == pl_id)).first()
+
+
+def record_rac(conn, cluster_id: int, cert, subject: str, now: datetime) -> None:
+    conn.execute(
+        racs.insert().values(
+            serial=pki.serial_hex(cert), cluster_id=cluster_id, subject=subject,
+            not_after=cert.not_valid_after_utc, created_at=now,
+        )
+    )

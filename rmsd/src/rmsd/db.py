@@ -1,0 +1,104 @@
+"""Engines for the configuration database, migrations, and the lock that serializes writers."""
+
+import os
+import zlib
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic.command import upgrade
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+
+from rmsd.errors import RmsdError
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def make_engine(database_url: str, password: str | None = None) -> sa.Engine:
+    """An engine for `sqlite:///PATH` or `postgresql://USER@HOST:PORT/DB` (password given apart)."""
+    try:
+        url = sa.make_url(database_url)
+    except sa.exc.ArgumentError as err:
+        raise RmsdError(f"database_url {database_url!r} is not a database URL: {err}") from None
+    backend = url.get_backend_name()
+    if backend == "sqlite":
+        if not url.database or url.database == ":memory:":
+            raise RmsdError("database_url for SQLite must name a file: sqlite:////var/lib/rmsd/config.db")
+        engine = sa.create_engine(url, connect_args={"timeout": 30})
+        _sqlite_write_transactions(engine)
+        return engine
+    if backend == "postgresql":
+        url = url.set(drivername="postgresql+psycopg")
+        if password is not None:
+            url = url.set(password=password)
+        return sa.create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 10})
+    raise RmsdError(f"database backend {backend!r} is not supported; use sqlite:/// or postgresql://")
+
+
+def _sqlite_write_transactions(engine: sa.Engine) -> None:
+    """SQLite: every transaction takes the write lock at BEGIN, so concurrent writers queue
+    instead of failing on lock upgrade; foreign keys enforced."""
+
+    @sa.event.listens_for(engine, "connect")
+    def _connect(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None
+        dbapi_connection.execute("PRAGMA foreign_keys = ON")
+        dbapi_connection.execute("PRAGMA busy_timeout = 30000")
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(conn):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def sqlite_path(engine: sa.Engine) -> Path | None:
+    if engine.url.get_backend_name() == "sqlite":
+        return Path(engine.url.database)
+    return None
+
+
+def prepare_sqlite_file(engine: sa.Engine) -> None:
+    """Create the SQLite file's folder (0700) and the file itself (0600): it holds the encrypted key."""
+    path = sqlite_path(engine)
+    if path is None or path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+    os.close(fd)
+
+
+def database_exists(engine: sa.Engine) -> bool:
+    path = sqlite_path(engine)
+    return path.exists() if path is not None else True
+
+
+def lock(conn: sa.Connection, name: str) -> None:
+    """Serialize writers for `name` until the transaction ends (SQLite: BEGIN IMMEDIATE already does)."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": zlib.crc32(f"rmsd:{name}".encode())})
+
+
+def _alembic_config(conn: sa.Connection) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = conn
+    return config
+
+
+def schema_current(conn: sa.Connection) -> bool:
+    head = ScriptDirectory.from_config(_alembic_config(conn)).get_current_head()
+    return MigrationContext.configure(conn).get_current_revision() == head
+
+
+def migrate(conn: sa.Connection) -> None:
+    """Bring the schema to the newest revision inside the caller's (locked) transaction."""
+    if not schema_current(conn):
+        upgrade(_alembic_config(conn), "head")
+
+
+def connect_error(err: Exception, database_url: str) -> RmsdError:
+    return RmsdError(
+        f"cannot reach the configuration database {database_url}: {type(err).__name__}: "
+        f"{str(err).splitlines()[0] if str(err) else ''}. Check database_url, database_password and that "
+        "the database server is running."
+    )

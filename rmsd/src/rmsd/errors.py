@@ -1,0 +1,21 @@
+"""Errors whose message tells the operator what to do next."""
+
+
+class RmsdError(Exception):
+    """A refused or failed operation. Nothing was changed."""
+
+
+class AuthenticationError(RmsdError):
+    """The caller's bearer token or credential is not acceptable."""
+
+
+class ForbiddenError(RmsdError):
+    """The caller is authenticated but holds no right to what it asked for."""
+
+
+class NotFoundError(RmsdError):
+    """The thing asked for does not exist."""
+
+
+class InvalidRequestError(RmsdError):
+    """The request is malformed."""

@@ -1,0 +1,164 @@
+"""X.509 for RMS: server licensor certificates (SLC) and rights account certificates (RAC)."""
+
+import hashlib
+from datetime import datetime, timedelta
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+from rmsd.errors import InvalidRequestError
+from rmsd.keys import ClusterKey
+
+SLC_VALIDITY = timedelta(days=5 * 365)
+RAC_VALIDITY = timedelta(days=365)
+MIN_RAC_KEY_SIZE = 2048
+
+
+def slc_subject(cluster_name: str, role: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "rmsd"),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, f"{role} cluster"),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"{cluster_name} SLC"),
+        ]
+    )
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    return cert.fingerprint(hashes.SHA256()).hex()
+
+
+def to_pem(cert: x509.Certificate) -> str:
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def load_pem(pem: str | bytes) -> x509.Certificate:
+    return x509.load_pem_x509_certificate(pem.encode() if isinstance(pem, str) else pem)
+
+
+def issue_root_slc(
+    key: ClusterKey, cluster_name: str, urls: list[str], now: datetime
+) -> x509.Certificate:
+    """The root cluster's SLC: self-issued by the cluster key; it certifies RACs and licensing SLCs."""
+    subject = slc_subject(cluster_name, "root")
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + SLC_VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=True,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+    )
+    if urls:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in urls]), critical=False
+        )
+    return key.sign_certificate(builder)
+
+
+def load_csr(csr_pem: str) -> x509.CertificateSigningRequest:
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem.encode())
+    except ValueError:
+        raise InvalidRequestError("csr is not a PEM certificate signing request") from None
+    if not csr.is_signature_valid:
+        raise InvalidRequestError("csr signature does not verify")
+    public_key = csr.public_key()
+    if not isinstance(public_key, rsa.RSAPublicKey) or public_key.key_size < MIN_RAC_KEY_SIZE:
+        raise InvalidRequestError(f"the RAC key must be RSA of at least {MIN_RAC_KEY_SIZE} bits")
+    return csr
+
+
+def issue_rac(
+    key: ClusterKey, slc: x509.Certificate, subject: str, csr: x509.CertificateSigningRequest, now: datetime
+) -> x509.Certificate:
+    """A RAC binding the authenticated `subject` (from the bearer token, not from the CSR) to the
+    CSR's public key, issued by the root cluster key."""
+    names = [x509.NameAttribute(NameOID.COMMON_NAME, subject[:64])]
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name(names))
+        .issuer_name(slc.subject)
+        .public_key(csr.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(min(now + RAC_VALIDITY, slc.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=True,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectAlternativeName([_general_name(subject)]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(slc.public_key()), critical=False
+        )
+    )
+    return key.sign_certificate(builder)
+
+
+def _general_name(subject: str) -> x509.GeneralName:
+    if "@" in subject:
+        return x509.RFC822Name(subject)
+    return x509.UniformResourceIdentifier(f"urn:rmsd:user:{subject}")
+
+
+def rac_subject(rac: x509.Certificate) -> str:
+    san = rac.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    for name in san:
+        if isinstance(name, x509.RFC822Name):
+            return name.value
+        if isinstance(name, x509.UniformResourceIdentifier) and name.value.startswith("urn:rmsd:user:"):
+            return name.value.removeprefix("urn:rmsd:user:")
+    raise InvalidRequestError("the RAC names no user")
+
+
+def verify_issued_by(cert: x509.Certificate, issuer: x509.Certificate, now: datetime) -> bool:
+    """True when `cert` was signed by `issuer`'s key and is valid at `now`."""
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
+
+
+def serial_hex(cert: x509.Certificate) -> str:
+    return format(cert.serial_number, "x")
+
+
+def spki_sha256(cert: x509.Certificate) -> str:
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).hexdigest()

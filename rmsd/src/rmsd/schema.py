@@ -1,0 +1,114 @@
+"""The configuration database tables (SQLAlchemy Core). Changes go through an Alembic migration."""
+
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+
+class UTCDateTime(sa.types.TypeDecorator):
+    """Timestamps stored as UTC and always read back timezone-aware (SQLite drops the zone)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value, dialect):
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+clusters = sa.Table(
+    "clusters",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(64), nullable=False, unique=True),
+    sa.Column("role", sa.String(16), nullable=False),  # root | licensing
+    sa.Column("state", sa.String(16), nullable=False),  # provisioned | decommissioned
+    sa.Column("intranet_url", sa.String(512), nullable=False),
+    sa.Column("extranet_url", sa.String(512)),
+    sa.Column("key_protection", sa.String(16), nullable=False),  # password | pkcs11
+    sa.Column("key_size", sa.Integer, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+)
+
+cluster_keys = sa.Table(
+    "cluster_keys",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),  # derived from the public key
+    sa.Column("cluster_id", sa.Integer, sa.ForeignKey("clusters.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # active | archived | compromised
+    sa.Column("protection", sa.String(16), nullable=False),
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("public_key_pem", sa.Text, nullable=False),
+    # password protection: PKCS#8 EncryptedPrivateKeyInfo (scrypt + AES-256-CBC), DER. NULL for HSM keys.
+    sa.Column("encrypted_private_key", sa.LargeBinary),
+    sa.Column("token_label", sa.String(64)),
+    sa.Column("key_label", sa.String(64)),
+    # Recorded per key: an HSM may only offer RSA-OAEP with SHA-1.
+    sa.Column("wrap_alg", sa.String(32), nullable=False),
+    sa.Column("sign_alg", sa.String(16), nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("status_changed_at", UTCDateTime, nullable=False),
+)
+
+certificates = sa.Table(
+    "certificates",
+    metadata,
+    sa.Column("serial", sa.String(48), primary_key=True),
+    sa.Column("cluster_id", sa.Integer, sa.ForeignKey("clusters.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("kind", sa.String(8), nullable=False),  # slc
+    sa.Column("key_id", sa.String(40), nullable=False),  # the subject key
+    sa.Column("issuer_key_id", sa.String(40), nullable=False),
+    sa.Column("pem", sa.Text, nullable=False),
+    sa.Column("fingerprint_sha256", sa.String(64), nullable=False),
+    sa.Column("not_before", UTCDateTime, nullable=False),
+    sa.Column("not_after", UTCDateTime, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
+servers = sa.Table(
+    "servers",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("cluster_id", sa.Integer, sa.ForeignKey("clusters.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("listen_address", sa.String(64), nullable=False),
+    sa.Column("port", sa.Integer, nullable=False),
+    sa.Column("joined_at", UTCDateTime, nullable=False),
+    sa.Column("last_heartbeat", UTCDateTime),
+    sa.UniqueConstraint("cluster_id", "name"),
+)
+
+content = sa.Table(
+    "content",
+    metadata,
+    sa.Column("pl_id", sa.String(40), primary_key=True),
+    sa.Column("cluster_id", sa.Integer, sa.ForeignKey("clusters.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("content_id", sa.String(128), nullable=False),
+    sa.Column("owner", sa.String(256), nullable=False),
+    sa.Column("key_id", sa.String(40), nullable=False),
+    sa.Column("rights", sa.JSON, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Index("ix_content_key", "key_id"),
+    sa.Index("ix_content_owner", "owner"),
+)
+
+racs = sa.Table(
+    "racs",
+    metadata,
+    sa.Column("serial", sa.String(48), primary_key=True),
+    sa.Column("cluster_id", sa.Integer, sa.ForeignKey("clusters.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("subject", sa.String(256), nullable=False),
+    sa.Column("not_after", UTCDateTime, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
