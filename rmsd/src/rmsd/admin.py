@@ -81,7 +81,10 @@ def _cluster_view(conn, row) -> dict:
 def _open_active_key(conn, row, key_password: str | None):
     """Prove the key password opens the active key (RmsdError otherwise)."""
     provider = provider_for(row.key_protection, key_password=key_password)
-    return provider.load(clusters.active_key_row(conn, row.id))
+    try:
+        return provider.load(clusters.active_key_row(conn, row.id))
+    except RmsdError as err:
+        raise RmsdError(f"{err}. Nothing was changed.") from None
 
 
 def ensure_cluster(

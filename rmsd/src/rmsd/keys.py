@@ -126,7 +126,7 @@ class PasswordKeyProvider(KeyProvider):
         except RmsdError:
             raise RmsdError(
                 f"the cluster key password does not decrypt cluster key {row.id}; give the password the "
-                "cluster was provisioned with (nothing was changed)"
+                "cluster was provisioned with"
             ) from None
         key = SoftwareKey(private_key)
         if key.key_id != row.id:

@@ -310,7 +310,13 @@ def serve(config: NodeConfig) -> None:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    app = create_app(config)
+    try:
+        # Refuse to start, with the reason, when the key or the database is unusable.
+        app.state.node.state()
+    except sa.exc.SQLAlchemyError as err:
+        raise db.connect_error(err, config.database_url) from None
     uvicorn.run(
-        create_app(config), host=config.listen_address, port=config.port, log_level="info",
+        app, host=config.listen_address, port=config.port, log_level="info",
         timeout_graceful_shutdown=10,
     )
