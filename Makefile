@@ -1,0 +1,95 @@
+# Build, demo and test entry points for the rmsops.rms collection and rmsd.
+# Everything runs from a repo-local virtualenv (.venv) pinned by constraints.txt.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := $(CURDIR)/.venv
+BIN := $(VENV)/bin
+VENV_STAMP := $(VENV)/.installed
+BUILD := $(CURDIR)/build
+
+# The collection is resolved from this repository through a symlink, so edits
+# are live without a build/install step.
+COLLECTIONS_ROOT := $(BUILD)/collections
+COLLECTION_LINK := $(COLLECTIONS_ROOT)/ansible_collections/rmsops/rms
+export ANSIBLE_COLLECTIONS_PATH := $(COLLECTIONS_ROOT)
+export PATH := $(BIN):$(PATH)
+
+# ansible-test wants the collection at .../ansible_collections/<ns>/<name>,
+# holding only collection content (rmsd/ is node software with its own checks).
+SANITY_ROOT := $(BUILD)/sanity/ansible_collections/rmsops/rms
+SANITY_EXCLUDE := ^(rmsd/|tests/|scripts/|\.ci/|Makefile$$|constraints\.txt$$|\.gitignore$$)
+SANITY_PYTHON := 3.11
+
+DEMO_PLAYBOOK := playbooks/demo.yml
+DEMO_INVENTORY := playbooks/inventories/demo
+
+TEST_STAGES := lint sanity pytest molecule
+
+.PHONY: help venv collection demo test $(TEST_STAGES) clean
+
+help:
+	@echo "make venv        create .venv (pinned by constraints.txt)"
+	@echo "make collection  make rmsops.rms resolvable from build/collections"
+	@echo "make demo        run $(DEMO_PLAYBOOK) against the local demo inventory"
+	@echo "make test        $(TEST_STAGES), stopping at the first failure"
+	@echo "make clean       remove .venv, build and .demo"
+
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP): constraints.txt rmsd/pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -c constraints.txt \
+		-e 'rmsd[test]' ansible-core molecule ansible-lint ruff jwcrypto schemathesis pytest
+	touch $@
+
+collection: $(COLLECTION_LINK)
+
+$(COLLECTION_LINK):
+	mkdir -p $(dir $@)
+	ln -sfn $(CURDIR) $@
+
+demo: venv collection
+	$(BIN)/ansible-playbook -i $(DEMO_INVENTORY) $(DEMO_PLAYBOOK)
+
+# Each stage reports its duration; the first failing stage stops the run.
+test: venv collection
+	@for stage in $(TEST_STAGES); do \
+		start=$$(date +%s); \
+		echo "=== $$stage"; \
+		$(MAKE) --no-print-directory $$stage; \
+		echo "=== $$stage passed in $$(( $$(date +%s) - start ))s"; \
+	done
+
+lint: venv collection
+	$(BIN)/ruff check rmsd plugins
+	$(BIN)/ansible-lint --profile production
+
+sanity: venv
+	rm -rf $(SANITY_ROOT)
+	mkdir -p $(SANITY_ROOT)
+	git ls-files --cached --others --exclude-standard -z \
+		| grep -zvE '$(SANITY_EXCLUDE)' \
+		| xargs -0 cp --parents -t $(SANITY_ROOT)
+	# A repository of its own, so ansible-test lists these files rather than
+	# asking the enclosing repository (which ignores build/).
+	git -C $(SANITY_ROOT) init --quiet
+	cd $(SANITY_ROOT) && $(BIN)/ansible-test sanity --venv --python $(SANITY_PYTHON) --color no
+
+pytest: venv collection
+	cd rmsd && $(BIN)/pytest -x -q
+	$(BIN)/pytest -x -q tests
+
+molecule: venv collection
+	@scenarios=$$(find molecule -mindepth 2 -maxdepth 2 -name molecule.yml -printf '%h\n' | xargs -rn1 basename | sort); \
+	test -n "$$scenarios" || { echo "no Molecule scenarios under molecule/"; exit 1; }; \
+	for s in $$scenarios; do \
+		echo "--- molecule test -s $$s"; \
+		$(BIN)/molecule test -s $$s; \
+	done
+
+clean:
+	rm -rf $(VENV) $(BUILD) .demo
