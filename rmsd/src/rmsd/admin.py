@@ -277,6 +277,9 @@ def _server_present(engine, database_url, config: NodeConfig, config_path, secre
         return row.state, (None if server is None else {"listen_address": server.listen_address, "port": server.port})
 
     found = _read(engine, database_url, registration)
+    if found is None and check_mode:
+        # In a check run the cluster may be one that an earlier task would have provisioned.
+        found = ("provisioned", None)
     if found is None:
         raise RmsdError(
             f"cluster {config.cluster!r} does not exist in {database_url}; provision it first with rmsops.rms.cluster"
