@@ -1,0 +1,287 @@
+"""The HTTP service as a real `rmsd serve` process: the RAC -> PL -> UL round trip and every refusal."""
+
+import base64
+import json
+import os
+import subprocess
+import time
+import tomllib
+
+import httpx
+import pytest
+import tomli_w
+from conftest import KEY_PASSWORD, RMSD, cluster_key, provision, sqlite_database
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509 import CertificateSigningRequestBuilder, Name, NameAttribute
+from cryptography.x509.oid import NameOID
+from joserfc import jwt
+from joserfc.jwk import RSAKey
+
+from rmsd import admin, demo_issuer, pki
+from rmsd.client import RmsClient, ServiceError, User, decrypt_content, encrypt_content, open_use_license
+from rmsd.schema import utcnow
+
+DOCUMENT = b"Board minutes: for the finance group only."
+
+
+@pytest.fixture(scope="module")
+def client(node):
+    return RmsClient(node.url)
+
+
+@pytest.fixture(scope="module")
+def users(node, client):
+    """alice (owner), bob (group finance), mallory (no rights), each with a RAC."""
+    made = {
+        "alice": User.new("alice@example.com", node.token("alice@example.com")),
+        "bob": User.new("bob@example.com", node.token("bob@example.com", ["finance"])),
+        "mallory": User.new("mallory@example.com", node.token("mallory@example.com", ["sales"])),
+    }
+    for user in made.values():
+        client.certify(user)
+    return made
+
+
+@pytest.fixture(scope="module")
+def published(client, users):
+    content_key, blob = encrypt_content(DOCUMENT)
+    pl = client.publish(users["alice"], "doc-board-minutes", content_key, {"group:finance": ["VIEW", "PRINT"]})
+    return pl, content_key, blob
+
+
+def test_health_and_slc(node, client):
+    health = client.health()
+    assert (health["status"], health["cluster"], health["node"], health["role"]) == ("ok", "c1", "n1", "root")
+    slc = client.slc()
+    info = admin.cluster_info(name="c1", **node.database.admin_args())
+    assert health["active_key_id"] == info["cluster"]["active_key_id"]
+    assert pki.fingerprint(pki.load_pem(slc["chain"][0])) == info["slc"]["fingerprint_sha256"]
+
+
+def test_round_trip_opens_the_content_for_a_granted_group(client, users, published):
+    pl, content_key, blob = published
+    granted = client.license(users["bob"], pl["pl"])
+    assert granted["rights"] == ["PRINT", "VIEW"]
+    claims, opened_key = open_use_license(granted["ul"], client.slc()["chain"][0], users["bob"])
+    assert claims["sub"] == "bob@example.com" and claims["content_id"] == "doc-board-minutes"
+    assert opened_key == content_key
+    assert decrypt_content(opened_key, blob) == DOCUMENT
+
+
+def test_owner_holds_every_right(client, users, published):
+    granted = client.license(users["alice"], published[0]["pl"])
+    assert "OWNER" in granted["rights"] and "VIEW" in granted["rights"]
+
+
+def test_user_without_rights_is_refused_and_told_which_content(client, users, published):
+    with pytest.raises(ServiceError) as err:
+        client.license(users["mallory"], published[0]["pl"])
+    assert err.value.status == 403
+    assert "doc-board-minutes" in err.value.detail and "mallory@example.com" in err.value.detail
+
+
+def test_rac_of_another_user_is_refused(client, users, published):
+    bob_with_alices_rac = User("bob@example.com", users["bob"].token, users["bob"].private_key, users["alice"].rac_pem)
+    with pytest.raises(ServiceError) as err:
+        client.license(bob_with_alices_rac, published[0]["pl"])
+    assert err.value.status == 403
+    assert "another user" in err.value.detail
+
+
+def test_rac_from_another_deployment_is_refused(tmp_path, client, users, published):
+    # Another deployment's root cluster, even under the same name (so the issuer DN matches).
+    other = sqlite_database(tmp_path)
+    provision(other)
+    _row, _key_row, other_key, other_slc = cluster_key(other)
+    bob = users["bob"]
+    csr = pki.load_csr(bob.csr_pem())
+    foreign_rac = pki.issue_rac(other_key, pki.load_pem(other_slc), bob.subject, csr, utcnow())
+    assert foreign_rac.issuer == pki.load_pem(client.slc()["chain"][0]).subject
+    bob_foreign = User(bob.subject, bob.token, bob.private_key, pki.to_pem(foreign_rac))
+    with pytest.raises(ServiceError) as err:
+        client.license(bob_foreign, published[0]["pl"])
+    assert err.value.status == 403
+    assert "root cluster" in err.value.detail
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def test_tampered_publishing_license_is_refused(client, users, published):
+    header, payload, signature = published[0]["pl"].split(".")
+    claims = json.loads(_unb64(payload))
+    claims["rights"]["group:sales"] = ["VIEW"]  # mallory tries to grant herself access
+    forged = ".".join([header, _b64(json.dumps(claims).encode()), signature])
+    with pytest.raises(ServiceError) as err:
+        client.license(users["mallory"], forged)
+    assert err.value.status == 400
+    assert "signature" in err.value.detail
+
+
+def test_garbage_publishing_license_is_refused(client, users):
+    with pytest.raises(ServiceError) as err:
+        client.license(users["bob"], "not-a-jws")
+    assert err.value.status == 400
+
+
+def test_bad_csr_is_refused(node, client):
+    token = node.token("carol@example.com")
+    for csr in ("-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n", "hello"):
+        response = client.http.post("/certification", json={"csr": csr}, headers={"Authorization": f"Bearer {token}"})
+        assert response.status_code == 400, response.text
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    weak_csr = (CertificateSigningRequestBuilder().subject_name(Name([NameAttribute(NameOID.COMMON_NAME, "carol")]))
+                .sign(weak, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode())
+    response = client.http.post("/certification", json={"csr": weak_csr}, headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 400 and "2048" in response.json()["detail"]
+    response = client.http.post("/certification", json={}, headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 422
+
+
+def test_rac_names_the_token_subject_not_the_csr_subject(node, client):
+    # The CSR asks for "alice"; the RAC is for whoever the token says.
+    carol = User.new("carol@example.com", node.token("carol@example.com"))
+    carol.subject = "alice@example.com"
+    rac = pki.load_pem(client.certify(carol))
+    assert pki.rac_subject(rac) == "carol@example.com"
+
+
+def _forged_token(node, subject: str, same_kid: bool) -> str:
+    kid = json.loads((node.issuer_dir / "jwks.json").read_text())["keys"][0]["kid"]
+    key = RSAKey.generate_key(2048, parameters={"kid": kid if same_kid else "another-key"})
+    now = int(time.time())
+    claims = {"iss": demo_issuer.ISSUER, "aud": demo_issuer.AUDIENCE, "sub": subject, "iat": now, "exp": now + 300}
+    return jwt.encode({"alg": "RS256", "kid": key.kid}, claims, key)
+
+
+@pytest.mark.parametrize(
+    "make_token",
+    [
+        pytest.param(lambda node: None, id="no-token"),
+        pytest.param(lambda node: "not.a.jwt", id="malformed"),
+        pytest.param(lambda node: node.token("eve@example.com", ttl=60, now=time.time() - 600), id="expired"),
+        pytest.param(lambda node: node.token("eve@example.com", issuer="https://evil.invalid"), id="wrong-issuer"),
+        pytest.param(lambda node: node.token("eve@example.com", audience="other"), id="wrong-audience"),
+        pytest.param(lambda node: _forged_token(node, "eve@example.com", same_kid=True), id="other-key-same-kid"),
+        pytest.param(lambda node: _forged_token(node, "eve@example.com", same_kid=False), id="unknown-key"),
+    ],
+)
+def test_unacceptable_bearer_tokens_get_401(node, client, make_token):
+    token = make_token(node)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    csr = User.new("eve@example.com", "").csr_pem()
+    for path, body in (("/certification", {"csr": csr}), ("/publishing", {
+        "content_id": "x", "content_key": _b64(os.urandom(32)), "rights": {"eve@example.com": ["VIEW"]},
+    })):
+        response = client.http.post(path, json=body, headers=headers)
+        assert response.status_code == 401, (path, response.text)
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_valid_token_is_accepted(node, client):
+    # The control for the 401 cases above: the same request with a good token succeeds.
+    user = User.new("eve@example.com", node.token("eve@example.com"))
+    assert "BEGIN CERTIFICATE" in client.certify(user)
+
+
+def test_publishing_validates_the_content_key(node, client):
+    headers = {"Authorization": f"Bearer {node.token('alice@example.com')}"}
+    for key in (_b64(os.urandom(16)), "!!!"):
+        body = {"content_id": "x", "content_key": key, "rights": {"bob@example.com": ["VIEW"]}}
+        assert client.http.post("/publishing", json=body, headers=headers).status_code == 400
+    body = {"content_id": "x", "content_key": _b64(os.urandom(32)), "rights": {"bob@example.com": ["FLY"]}}
+    response = client.http.post("/publishing", json=body, headers=headers)
+    assert response.status_code == 400 and "FLY" in response.json()["detail"]
+
+
+def test_round_trip_on_every_backend(any_node):
+    client = RmsClient(any_node.url)
+    owner = User.new("olga@example.com", any_node.token("olga@example.com"))
+    reader = User.new("rita@example.com", any_node.token("rita@example.com"))
+    for user in (owner, reader):
+        client.certify(user)
+    content_key, blob = encrypt_content(DOCUMENT)
+    pl = client.publish(owner, "doc-backend", content_key, {"rita@example.com": ["VIEW"]})
+    granted = client.license(reader, pl["pl"])
+    _claims, opened_key = open_use_license(granted["ul"], client.slc()["chain"][0], reader)
+    assert decrypt_content(opened_key, blob) == DOCUMENT
+    info = admin.cluster_info(name="c1", **any_node.database.admin_args())
+    assert info["content_per_key"][pl["key_id"]] >= 1
+
+
+def test_nul_characters_are_a_client_error(any_node):
+    # PostgreSQL cannot store NUL in text: that is the request's fault, not an unavailable database.
+    client = RmsClient(any_node.url)
+    headers = {"Authorization": f"Bearer {any_node.token('alice@example.com')}"}
+    body = {"content_id": "doc\x00", "content_key": _b64(os.urandom(32)), "rights": {"bob@example.com": ["VIEW"]}}
+    response = client.http.post("/publishing", json=body, headers=headers)
+    assert response.status_code in (200, 400, 422), response.text
+    nul_subject = "nul\x00@example.com"
+    headers = {"Authorization": f"Bearer {any_node.token(nul_subject)}"}
+    response = client.http.post("/certification", json={"csr": User.new("x", "").csr_pem()}, headers=headers)
+    assert response.status_code in (200, 400, 401, 422), response.text
+
+
+def test_heartbeat_marks_the_node_up(node):
+    info = admin.cluster_info(name="c1", **node.database.admin_args())
+    [n1] = info["nodes"]
+    assert n1["name"] == "n1" and n1["status"] == "up" and n1["last_heartbeat"] is not None
+
+
+def test_serve_with_wrong_key_password_exits_with_a_clear_message(node, tmp_path):
+    wrong = "Wrong-Pass-5b2e"
+    secret_path = tmp_path / "wrong.secret"
+    fd = os.open(secret_path, os.O_CREAT | os.O_WRONLY, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(tomli_w.dumps({"key_password": wrong}))
+    config = tomllib.loads(node.config_path.read_text())
+    config["node"].update(secret_path=str(secret_path), name="n9", port=1)
+    config_path = tmp_path / "n9.toml"
+    config_path.write_text(tomli_w.dumps(config))
+    proc = subprocess.run([str(RMSD), "serve", "--config", str(config_path)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode != 0
+    assert "password" in proc.stderr and "cluster key" in proc.stderr
+    output = proc.stdout + proc.stderr
+    assert "Traceback" not in output
+    assert wrong not in output and KEY_PASSWORD not in output
+
+
+def test_serve_refuses_a_readable_secret_file(node, tmp_path):
+    secret_path = tmp_path / "open.secret"
+    secret_path.write_text(tomli_w.dumps({"key_password": KEY_PASSWORD}))
+    secret_path.chmod(0o644)
+    config = tomllib.loads(node.config_path.read_text())
+    config["node"].update(secret_path=str(secret_path), name="n8", port=1)
+    config_path = tmp_path / "n8.toml"
+    config_path.write_text(tomli_w.dumps(config))
+    proc = subprocess.run([str(RMSD), "serve", "--config", str(config_path)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode != 0
+    assert "0600" in proc.stderr and "Traceback" not in proc.stderr
+    assert KEY_PASSWORD not in proc.stdout + proc.stderr
+
+
+def test_status_command_reports_the_cluster(node):
+    proc = subprocess.run([str(RMSD), "status", "--config", str(node.config_path)], capture_output=True, text=True,
+                          check=True, timeout=60)
+    status = json.loads(proc.stdout)
+    assert status["exists"] is True and status["node"] == "n1" and status["cluster"]["name"] == "c1"
+    assert KEY_PASSWORD not in proc.stdout and "PRIVATE" not in proc.stdout
+
+
+def test_demo_roundtrip_command(node):
+    proc = subprocess.run([str(RMSD), "demo-roundtrip", "--url", node.url, "--issuer-dir", str(node.issuer_dir)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "round trip OK" in proc.stdout
+
+
+def test_health_answers_without_a_token(node):
+    assert httpx.get(f"{node.url}/health", timeout=5).status_code == 200
