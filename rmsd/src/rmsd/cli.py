@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -28,7 +29,8 @@ def _status(args) -> int:
 
 
 def _cluster_info(args) -> int:
-    info = admin.cluster_info(name=args.name, database_url=args.database_url)
+    info = admin.cluster_info(name=args.name, database_url=args.database_url,
+                              database_password=os.environ.get("RMSD_DATABASE_PASSWORD"))
     print(json.dumps(info, indent=2))
     return 0 if info["exists"] else 1
 

@@ -267,6 +267,9 @@ def create_app(config: NodeConfig) -> FastAPI:
 
     @app.exception_handler(sa.exc.SQLAlchemyError)
     async def _db_error(_request: Request, err: sa.exc.SQLAlchemyError):
+        if isinstance(err, sa.exc.DataError):  # the request's fault, e.g. NUL in PostgreSQL text
+            return JSONResponse({"error": "InvalidRequestError", "detail": "the request holds an unstorable value"},
+                                400)
         log.error("configuration database error: %s", type(err).__name__)
         return JSONResponse({"error": "Unavailable", "detail": "configuration database unavailable"}, 503)
 
