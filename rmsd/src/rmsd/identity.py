@@ -75,7 +75,10 @@ class TokenVerifier:
             claims.validate(decoded.claims)
         except (ValueError, JoseError) as err:
             raise AuthenticationError(f"bearer token rejected: {err}") from None
+        subject = str(decoded.claims["sub"])
+        if not subject or any(ord(c) < 32 or ord(c) == 127 for c in subject):
+            raise AuthenticationError("bearer token rejected: 'sub' must be printable text")
         groups = decoded.claims.get("groups") or []
         if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
             raise AuthenticationError("bearer token rejected: 'groups' must be a list of strings")
-        return Principal(subject=str(decoded.claims["sub"]), groups=tuple(groups))
+        return Principal(subject=subject, groups=tuple(groups))

@@ -182,7 +182,7 @@ class CertificationRequest(BaseModel):
 
 
 class PublishingRequest(BaseModel):
-    content_id: str = Field(min_length=1, max_length=128)
+    content_id: str = Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")
     content_key: str = Field(max_length=128, description="the content's AES-256 key, base64url")
     rights: dict[str, list[str]] = Field(
         description="principal (user id, or group:NAME) -> rights (VIEW, EDIT, PRINT, ...)", max_length=256
