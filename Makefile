@@ -16,13 +16,10 @@ BUILD := $(CURDIR)/build
 COLLECTIONS_ROOT := $(BUILD)/collections
 COLLECTION_LINK := $(COLLECTIONS_ROOT)/ansible_collections/rmsops/rms
 export ANSIBLE_COLLECTIONS_PATH := $(COLLECTIONS_ROOT)
+# Ansible's own state stays in the build tree too: no stale copy of the collection in
+# ~/.ansible/collections can shadow the working tree.
+export ANSIBLE_HOME := $(BUILD)/ansible-home
 export PATH := $(BIN):$(PATH)
-
-# ansible-test wants the collection at .../ansible_collections/<ns>/<name>,
-# holding only collection content (rmsd/ is node software with its own checks).
-SANITY_ROOT := $(BUILD)/sanity/ansible_collections/rmsops/rms
-SANITY_EXCLUDE := ^(rmsd/|tests/|scripts/|\.ci/|Makefile$$|constraints\.txt$$|\.gitignore$$)
-SANITY_PYTHON := 3.11
 
 DEMO_PLAYBOOK := playbooks/demo.yml
 DEMO_INVENTORY := playbooks/inventories/demo
@@ -64,20 +61,14 @@ test: venv collection
 		echo "=== $$stage passed in $$(( $$(date +%s) - start ))s"; \
 	done
 
+# ansible-lint --offline: lint the working tree through the collection symlink
+# instead of a built copy (and never reach for Ansible Galaxy).
 lint: venv collection
-	$(BIN)/ruff check rmsd plugins
-	$(BIN)/ansible-lint --profile production
+	$(BIN)/ruff check rmsd plugins tests scripts
+	$(BIN)/ansible-lint --offline --profile production
 
 sanity: venv
-	rm -rf $(SANITY_ROOT)
-	mkdir -p $(SANITY_ROOT)
-	git ls-files --cached --others --exclude-standard -z \
-		| grep -zvE '$(SANITY_EXCLUDE)' \
-		| xargs -0 cp --parents -t $(SANITY_ROOT)
-	# A repository of its own, so ansible-test lists these files rather than
-	# asking the enclosing repository (which ignores build/).
-	git -C $(SANITY_ROOT) init --quiet
-	cd $(SANITY_ROOT) && $(BIN)/ansible-test sanity --venv --python $(SANITY_PYTHON) --color no
+	scripts/sanity.sh
 
 pytest: venv collection
 	cd rmsd && $(BIN)/pytest -x -q

@@ -10,9 +10,11 @@ From Python (standard library only, so any test suite can import it):
     with PostgresServer() as pg:
         pg.url        # postgresql+psycopg://rms@127.0.0.1:<port>/postgres (no password)
         pg.password   # pass separately, e.g. as database_password
+        pg.create_database("cfg1")   # an empty database; returns its URL
 
 As a pytest plugin (`-p pgserver` with this directory on sys.path, or
-`pytest_plugins = ["pgserver"]`): the session fixture `postgres_server`.
+`from pgserver import postgres_server` in a conftest.py): the session fixture
+`postgres_server`; give each test its own database with create_database().
 
 From a shell:
 
@@ -44,7 +46,7 @@ def find_bindir() -> Path:
         return Path(os.environ["PG_BINDIR"])
     initdb = shutil.which("initdb")
     if initdb:
-        return Path(initdb).parent
+        return Path(initdb).resolve().parent
     candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
     if not candidates:
         raise RuntimeError("PostgreSQL server binaries not found: install postgresql or set PG_BINDIR")
@@ -69,17 +71,29 @@ class PostgresServer:
 
     @property
     def url(self) -> str:
-        return f"postgresql+psycopg://{USER}@127.0.0.1:{self.port}/postgres"
+        return self.url_for("postgres")
+
+    def url_for(self, database: str) -> str:
+        return f"postgresql+psycopg://{USER}@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        """Create an empty database (as a client, over TCP) and return its URL."""
+        env = dict(os.environ, PGPASSWORD=self.password)
+        proc = subprocess.run([str(self.bindir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port),
+                               "-U", USER, name], check=False, capture_output=True, text=True, env=env)
+        if proc.returncode:
+            raise RuntimeError(f"createdb {name} failed:\n{proc.stdout}{proc.stderr}")
+        return self.url_for(name)
 
     def _run(self, *args: str) -> None:
         cmd = [str(self.bindir / args[0]), *args[1:]]
         if self.as_root:
             cmd = ["runuser", "-u", RUN_AS, "--", *cmd]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"{args[0]} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
 
-    def start(self) -> "PostgresServer":
+    def start(self) -> PostgresServer:
         self.base_dir.mkdir(parents=True, exist_ok=True)
         if self.as_root:
             # mkdtemp makes a 0700 directory; the server user must own it.
@@ -108,7 +122,7 @@ class PostgresServer:
         if self._owns_dir:
             shutil.rmtree(self.base_dir, ignore_errors=True)
 
-    def __enter__(self) -> "PostgresServer":
+    def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -128,8 +142,7 @@ if pytest is not None:
 
     @pytest.fixture(scope="session")
     def postgres_server():
-        """A PostgreSQL server for the whole test session; each test uses its own database name
-        or cluster name to stay independent."""
+        """A PostgreSQL server for the whole test session (tests create their own databases)."""
         with PostgresServer() as server:
             yield server
 
