@@ -1,0 +1,63 @@
+# -*- coding: utf-8 -*-
+# Copyright: rmsops.rms contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+"""What the rmsops.rms modules share: the guarded rmsd import, the database connection options and
+the call into rmsd's admin API. All RMS logic lives in rmsd; the modules only translate."""
+
+from __future__ import annotations
+
+import traceback
+
+from ansible.module_utils.basic import env_fallback, missing_required_lib
+
+try:
+    import rmsd.admin as rmsd_admin
+    from rmsd.errors import RmsdError
+except ImportError:
+    rmsd_admin = None
+    RmsdError = Exception
+    RMSD_IMPORT_ERROR = traceback.format_exc()
+else:
+    RMSD_IMPORT_ERROR = None
+
+RMSD_HINT = (
+    "rmsd is installed on managed hosts by the rmsops.rms.server role (tasks_from: install); "
+    "point ansible_python_interpreter at the python of its virtualenv (server_venv_dir/bin/python)"
+)
+
+
+def database_argument_spec():
+    """The connection options every module takes; documented by the rmsops.rms.database fragment."""
+    return dict(
+        database_url=dict(type="str", required=True, fallback=(env_fallback, ["RMSD_DATABASE_URL"])),
+        database_password=dict(
+            type="str", no_log=True, fallback=(env_fallback, ["RMSD_DATABASE_PASSWORD"]),
+        ),
+    )
+
+
+def require_rmsd(module):
+    """Fail with a hint on how to install rmsd rather than with a traceback."""
+    if RMSD_IMPORT_ERROR is not None:
+        module.fail_json(msg=missing_required_lib("rmsd", reason=RMSD_HINT), exception=RMSD_IMPORT_ERROR)
+
+
+def database_options(module):
+    return dict(database_url=module.params["database_url"], database_password=module.params["database_password"])
+
+
+def call_admin(module, function, /, **kwargs):
+    """Run rmsd.admin.<function>(**kwargs); rmsd's refusals become fail_json with rmsd's message, which
+    says how to proceed and that nothing was changed."""
+    require_rmsd(module)
+    try:
+        return getattr(rmsd_admin, function)(**kwargs)
+    except RmsdError as err:
+        module.fail_json(msg=str(err))
+
+
+def result_to_module(result):
+    """changed and diff of an rmsd admin Result (the diff holds metadata only, never secrets)."""
+    return dict(changed=bool(result.changed), diff=result.diff)

@@ -1,0 +1,203 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: rmsops.rms contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: cluster
+short_description: Provision or remove an RMS cluster
+version_added: 0.1.0
+description:
+  - Makes sure an RMS cluster exists in its configuration database, or does not.
+  - Provisioning a root cluster creates the configuration database schema, the first active cluster key and the
+    server licensor certificate (SLC) in one transaction; a failed or interrupted run leaves nothing half-made and
+    a rerun converges.
+  - On an existing cluster only the URLs can change. Role, key protection and key size are refused with a message
+    saying how to proceed.
+  - The module is a thin layer over C(rmsd.admin.ensure_cluster); run it where rmsd is importable.
+extends_documentation_fragment:
+  - rmsops.rms.database
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: full
+    details: The diff shows cluster metadata only, never key material or passwords.
+options:
+  name:
+    description:
+      - Name of the cluster, 1 to 64 letters, digits, C(.), C(_) or C(-).
+    type: str
+    required: true
+  role:
+    description:
+      - Role of the cluster. A root cluster certifies users (RACs), publishes and licenses content.
+    type: str
+    choices: [root]
+    default: root
+  key_protection:
+    description:
+      - How the cluster key is protected.
+      - V(password) stores the private key in the configuration database, encrypted with O(key_password);
+        each server holds the password in a secret file readable by its owner only.
+    type: str
+    choices: [password]
+    default: password
+  key_password:
+    description:
+      - The cluster key password. Required with O(state=present).
+      - On an existing cluster the module checks that the password opens the active key and fails otherwise.
+    type: str
+  key_size:
+    description:
+      - Size in bits of the RSA cluster key generated when the cluster is provisioned.
+      - Cannot change on an existing cluster; set it to the current size.
+    type: int
+    choices: [2048, 3072, 4096]
+    default: 2048
+  intranet_url:
+    description:
+      - URL clients inside the organization reach the cluster at. Required with O(state=present).
+    type: str
+  extranet_url:
+    description:
+      - URL clients outside the organization reach the cluster at, if any.
+    type: str
+  state:
+    description:
+      - V(present) provisions the cluster if it does not exist and updates its URLs.
+      - V(absent) removes the cluster and its keys. Refused while content is protected by its keys unless
+        O(force=true).
+    type: str
+    choices: [present, absent]
+    default: present
+  force:
+    description:
+      - With O(state=absent), remove the cluster even though content published under its keys exists. That content
+        can then no longer be opened; export a trusted publishing domain first.
+    type: bool
+    default: false
+seealso:
+  - module: rmsops.rms.server
+  - module: rmsops.rms.cluster_info
+author:
+  - rmsops.rms contributors
+"""
+
+EXAMPLES = r"""
+- name: Provision the root cluster
+  rmsops.rms.cluster:
+    name: corp
+    database_url: sqlite:////var/lib/rmsd/corp/config.db
+    key_password: "{{ vault_rms_key_password }}"
+    key_size: 3072
+    intranet_url: https://rms.corp.example.com
+  vars:
+    ansible_python_interpreter: /opt/rmsd/venv/bin/python
+
+- name: Provision a root cluster whose configuration database is shared by its members
+  rmsops.rms.cluster:
+    name: corp
+    database_url: postgresql://rms@db.corp.example.com:5432/rms_corp
+    database_password: "{{ vault_rms_database_password }}"
+    key_password: "{{ vault_rms_key_password }}"
+    intranet_url: https://rms.corp.example.com
+    extranet_url: https://rms.example.com
+
+- name: Remove a cluster that protects no content
+  rmsops.rms.cluster:
+    name: lab
+    database_url: sqlite:////var/lib/rmsd/lab/config.db
+    state: absent
+"""
+
+RETURN = r"""
+cluster:
+  description:
+    - The cluster as it is after the task (as it would be, in check mode). Empty when O(state=absent).
+  returned: always
+  type: dict
+  contains:
+    name:
+      description: Name of the cluster.
+      type: str
+      sample: corp
+    role:
+      description: Role of the cluster.
+      type: str
+      sample: root
+    state:
+      description: State of the cluster.
+      type: str
+      sample: provisioned
+    intranet_url:
+      description: Intranet URL.
+      type: str
+      sample: https://rms.corp.example.com
+    extranet_url:
+      description: Extranet URL, or null.
+      type: str
+    key_protection:
+      description: How the cluster key is protected.
+      type: str
+      sample: password
+    key_size:
+      description: Size of the cluster key in bits.
+      type: int
+      sample: 2048
+    active_key_id:
+      description: Identifier of the active cluster key (C((new key)) in check mode before provisioning).
+      type: str
+    slc_fingerprint_sha256:
+      description: SHA-256 fingerprint of the cluster's current SLC.
+      type: str
+    slc_not_after:
+      description: Expiry of the cluster's current SLC (ISO 8601).
+      type: str
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.rmsops.rms.plugins.module_utils.rmsd_common import (
+    call_admin,
+    database_argument_spec,
+    database_options,
+    require_rmsd,
+    result_to_module,
+)
+
+
+def main():
+    argument_spec = dict(
+        name=dict(type="str", required=True),
+        role=dict(type="str", choices=["root"], default="root"),
+        key_protection=dict(type="str", choices=["password"], default="password"),
+        key_password=dict(type="str", no_log=True),
+        key_size=dict(type="int", choices=[2048, 3072, 4096], default=2048),
+        intranet_url=dict(type="str"),
+        extranet_url=dict(type="str"),
+        state=dict(type="str", choices=["present", "absent"], default="present"),
+        force=dict(type="bool", default=False),
+    )
+    argument_spec.update(database_argument_spec())
+    module = AnsibleModule(
+        argument_spec=argument_spec,
+        required_if=[("state", "present", ("key_password", "intranet_url"))],
+        supports_check_mode=True,
+    )
+    require_rmsd(module)
+    p = module.params
+    result = call_admin(
+        module, "ensure_cluster",
+        name=p["name"], role=p["role"], key_protection=p["key_protection"], key_password=p["key_password"],
+        key_size=p["key_size"], intranet_url=p["intranet_url"], extranet_url=p["extranet_url"],
+        state=p["state"], force=p["force"], check_mode=module.check_mode,
+        **database_options(module)
+    )
+    module.exit_json(cluster=result.facts.get("cluster", {}), **result_to_module(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: rmsops.rms contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: cluster_info
+short_description: Read the state of an RMS cluster
+version_added: 0.1.0
+description:
+  - Reads a cluster from its configuration database, with its member servers and their heartbeats, its keys, its
+    current server licensor certificate (SLC) and how much content each key protects.
+  - Never changes anything. Key material is never returned.
+  - The module is a thin layer over C(rmsd.admin.cluster_info); run it where rmsd is importable.
+extends_documentation_fragment:
+  - rmsops.rms.database
+attributes:
+  check_mode:
+    support: full
+    details: The module only reads.
+  diff_mode:
+    support: none
+options:
+  name:
+    description:
+      - Name of the cluster.
+    type: str
+    required: true
+seealso:
+  - module: rmsops.rms.cluster
+  - module: rmsops.rms.server
+author:
+  - rmsops.rms contributors
+"""
+
+EXAMPLES = r"""
+- name: Read the root cluster
+  rmsops.rms.cluster_info:
+    name: corp
+    database_url: sqlite:////var/lib/rmsd/corp/config.db
+  vars:
+    ansible_python_interpreter: /opt/rmsd/venv/bin/python
+  register: corp
+
+- name: Show the keys and how much content each protects
+  ansible.builtin.debug:
+    msg: "{{ corp['keys'] | map(attribute='status') }} {{ corp.content_per_key }}"
+"""
+
+RETURN = r"""
+exists:
+  description: Whether the cluster exists in the configuration database.
+  returned: always
+  type: bool
+cluster:
+  description: The cluster (empty if it does not exist).
+  returned: always
+  type: dict
+  sample:
+    name: corp
+    role: root
+    state: provisioned
+    intranet_url: https://rms.corp.example.com
+    extranet_url: null
+    key_protection: password
+    key_size: 2048
+    active_key_id: 7f3c0e2a
+    slc_fingerprint_sha256: 4b1d...
+    slc_not_after: "2046-01-01T00:00:00+00:00"
+nodes:
+  description: The cluster's member servers.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    name:
+      description: Name of the server.
+      type: str
+    listen_address:
+      description: Address the service listens on.
+      type: str
+    port:
+      description: Port the service listens on.
+      type: int
+    url:
+      description: URL of the server's HTTP service.
+      type: str
+    joined_at:
+      description: When the server joined (ISO 8601).
+      type: str
+    last_heartbeat:
+      description: Last heartbeat of the running service (ISO 8601), or null if it never ran.
+      type: str
+    status:
+      description: V(up) if the service sent heartbeats recently, else V(down).
+      type: str
+keys:
+  description: The cluster's keys, oldest first; metadata only.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    id:
+      description: Key identifier.
+      type: str
+    status:
+      description: V(active), V(archived) or V(compromised).
+      type: str
+    protection:
+      description: How the private key is protected.
+      type: str
+    size:
+      description: Key size in bits.
+      type: int
+    created_at:
+      description: Creation time (ISO 8601).
+      type: str
+    age_days:
+      description: Age of the key in days.
+      type: int
+    wrap_alg:
+      description: Algorithm content keys are wrapped to this key with.
+      type: str
+    sign_alg:
+      description: Algorithm licenses are signed with by this key.
+      type: str
+slc:
+  description: The cluster's current server licensor certificate (empty if the cluster does not exist).
+  returned: always
+  type: dict
+  contains:
+    subject:
+      description: Subject (RFC 4514).
+      type: str
+    issuer:
+      description: Issuer (RFC 4514).
+      type: str
+    serial:
+      description: Serial number.
+      type: str
+    fingerprint_sha256:
+      description: SHA-256 fingerprint of the certificate.
+      type: str
+    not_before:
+      description: Start of validity (ISO 8601).
+      type: str
+    not_after:
+      description: End of validity (ISO 8601).
+      type: str
+content_per_key:
+  description: Number of content items published under each key, by key identifier.
+  returned: always
+  type: dict
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.rmsops.rms.plugins.module_utils.rmsd_common import (
+    call_admin,
+    database_argument_spec,
+    database_options,
+    require_rmsd,
+)
+
+
+def main():
+    argument_spec = dict(name=dict(type="str", required=True))
+    argument_spec.update(database_argument_spec())
+    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
+    require_rmsd(module)
+    info = call_admin(module, "cluster_info", name=module.params["name"], **database_options(module))
+    module.exit_json(changed=False, **info)
+
+
+if __name__ == "__main__":
+    main()

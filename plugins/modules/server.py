@@ -1,0 +1,208 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: rmsops.rms contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: server
+short_description: Join a server to an RMS cluster or remove it
+version_added: 0.1.0
+description:
+  - Registers an RMS server (node) in its cluster's configuration database and writes the node's configuration
+    file and secret file, or removes both and deregisters the node.
+  - Before joining, the module checks that O(key_password) opens the cluster's active key; a wrong password fails
+    and changes nothing.
+  - The module does not start or restart the service; it returns RV(config_changed) so the caller knows the running
+    service must restart. The C(rmsops.rms.server) role does both.
+  - The module is a thin layer over C(rmsd.admin.ensure_server); run it where rmsd is importable.
+extends_documentation_fragment:
+  - rmsops.rms.database
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: full
+    details: The diff shows the registration and the configuration file; of the secret file only whether it changes.
+options:
+  cluster:
+    description:
+      - Name of the cluster the server joins. It must have been provisioned (M(rmsops.rms.cluster)).
+    type: str
+    required: true
+  name:
+    description:
+      - Name of the server, unique in its cluster; 1 to 64 letters, digits, C(.), C(_) or C(-).
+    type: str
+    required: true
+  listen_address:
+    description:
+      - IP address the server's HTTP service listens on.
+    type: str
+    default: 127.0.0.1
+  port:
+    description:
+      - TCP port the server's HTTP service listens on. Address and port must be unique in the cluster.
+    type: int
+    default: 8080
+  config_path:
+    description:
+      - Absolute path of the node configuration file (TOML, mode 0640, holds no secret).
+    type: path
+    required: true
+  secret_path:
+    description:
+      - Absolute path of the node secret file holding the cluster key password and the database password
+        (TOML, mode 0600).
+    type: path
+    required: true
+  key_password:
+    description:
+      - The cluster key password. Required with O(state=present).
+    type: str
+  identity_issuer:
+    description:
+      - Issuer (C(iss) claim) of the bearer tokens users authenticate with.
+    type: str
+  identity_audience:
+    description:
+      - Audience (C(aud) claim) the bearer tokens must name.
+    type: str
+    default: rmsd
+  identity_jwks_uri:
+    description:
+      - Where the issuer's signing keys (JWKS) are read from, C(https://), C(http://) or C(file://).
+    type: str
+  state:
+    description:
+      - V(present) registers the server and writes its files.
+      - V(absent) deregisters the server and removes its configuration and secret files.
+    type: str
+    choices: [present, absent]
+    default: present
+seealso:
+  - module: rmsops.rms.cluster
+  - module: rmsops.rms.cluster_info
+author:
+  - rmsops.rms contributors
+"""
+
+EXAMPLES = r"""
+- name: Join this host to the root cluster
+  rmsops.rms.server:
+    cluster: corp
+    name: "{{ inventory_hostname }}"
+    database_url: sqlite:////var/lib/rmsd/corp/config.db
+    key_password: "{{ vault_rms_key_password }}"
+    listen_address: 127.0.0.1
+    port: 8080
+    config_path: /var/lib/rmsd/rms1/rmsd.toml
+    secret_path: /var/lib/rmsd/rms1/secret.toml
+    identity_issuer: https://login.corp.example.com
+    identity_jwks_uri: https://login.corp.example.com/.well-known/jwks.json
+  vars:
+    ansible_python_interpreter: /opt/rmsd/venv/bin/python
+  register: rms_server
+
+- name: Remove the server from its cluster
+  rmsops.rms.server:
+    cluster: corp
+    name: rms1
+    database_url: sqlite:////var/lib/rmsd/corp/config.db
+    config_path: /var/lib/rmsd/rms1/rmsd.toml
+    secret_path: /var/lib/rmsd/rms1/secret.toml
+    state: absent
+"""
+
+RETURN = r"""
+server:
+  description:
+    - The server as registered after the task (as it would be, in check mode). Empty when O(state=absent).
+  returned: always
+  type: dict
+  contains:
+    name:
+      description: Name of the server.
+      type: str
+      sample: rms1
+    cluster:
+      description: Cluster the server belongs to.
+      type: str
+      sample: corp
+    listen_address:
+      description: Address the service listens on.
+      type: str
+      sample: 127.0.0.1
+    port:
+      description: Port the service listens on.
+      type: int
+      sample: 8080
+    url:
+      description: URL of the server's HTTP service.
+      type: str
+      sample: http://127.0.0.1:8080
+    config_path:
+      description: Path of the node configuration file.
+      type: str
+    secret_path:
+      description: Path of the node secret file.
+      type: str
+config_changed:
+  description:
+    - Whether the configuration or secret file changed (or would change, in check mode), so that a running service
+      must restart to use them.
+  returned: always
+  type: bool
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.rmsops.rms.plugins.module_utils.rmsd_common import (
+    call_admin,
+    database_argument_spec,
+    database_options,
+    require_rmsd,
+    result_to_module,
+)
+
+
+def main():
+    argument_spec = dict(
+        cluster=dict(type="str", required=True),
+        name=dict(type="str", required=True),
+        listen_address=dict(type="str", default="127.0.0.1"),
+        port=dict(type="int", default=8080),
+        config_path=dict(type="path", required=True),
+        secret_path=dict(type="path", required=True),
+        key_password=dict(type="str", no_log=True),
+        identity_issuer=dict(type="str"),
+        identity_audience=dict(type="str", default="rmsd"),
+        identity_jwks_uri=dict(type="str"),
+        state=dict(type="str", choices=["present", "absent"], default="present"),
+    )
+    argument_spec.update(database_argument_spec())
+    module = AnsibleModule(
+        argument_spec=argument_spec,
+        required_if=[("state", "present", ("key_password",))],
+        supports_check_mode=True,
+    )
+    require_rmsd(module)
+    p = module.params
+    result = call_admin(
+        module, "ensure_server",
+        cluster=p["cluster"], name=p["name"], key_password=p["key_password"], listen_address=p["listen_address"],
+        port=p["port"], config_path=p["config_path"], secret_path=p["secret_path"],
+        identity_issuer=p["identity_issuer"], identity_audience=p["identity_audience"],
+        identity_jwks_uri=p["identity_jwks_uri"], state=p["state"], check_mode=module.check_mode,
+        **database_options(module)
+    )
+    module.exit_json(
+        server=result.facts.get("server", {}),
+        config_changed=bool(result.facts.get("config_changed", False)),
+        **result_to_module(result)
+    )
+
+
+if __name__ == "__main__":
+    main()
