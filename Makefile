@@ -23,6 +23,7 @@ export PATH := $(BIN):$(PATH)
 
 DEMO_PLAYBOOK := playbooks/demo.yml
 DEMO_INVENTORY := playbooks/inventories/demo
+DEMO_ARGS ?=
 
 TEST_STAGES := lint sanity pytest molecule
 
@@ -31,7 +32,7 @@ TEST_STAGES := lint sanity pytest molecule
 help:
 	@echo "make venv        create .venv (pinned by constraints.txt)"
 	@echo "make collection  make rmsops.rms resolvable from build/collections"
-	@echo "make demo        run $(DEMO_PLAYBOOK) against the local demo inventory"
+	@echo "make demo        run $(DEMO_PLAYBOOK) against the local demo inventory (DEMO_ARGS=...)"
 	@echo "make test        $(TEST_STAGES), stopping at the first failure"
 	@echo "make clean       remove .venv, build and .demo"
 
@@ -50,16 +51,19 @@ $(COLLECTION_LINK):
 	ln -sfn $(CURDIR) $@
 
 demo: venv collection
-	$(BIN)/ansible-playbook -i $(DEMO_INVENTORY) $(DEMO_PLAYBOOK)
+	$(BIN)/ansible-playbook -i $(DEMO_INVENTORY) $(DEMO_PLAYBOOK) $(DEMO_ARGS)
 
 # Each stage reports its duration; the first failing stage stops the run.
 test: venv collection
-	@for stage in $(TEST_STAGES); do \
+	@passed=0; \
+	for stage in $(TEST_STAGES); do \
 		start=$$(date +%s); \
 		echo "=== $$stage"; \
 		$(MAKE) --no-print-directory $$stage; \
 		echo "=== $$stage passed in $$(( $$(date +%s) - start ))s"; \
-	done
+		passed=$$((passed + 1)); \
+	done; \
+	echo "stages: $$passed passed, 0 failed"
 
 # ansible-lint --offline: lint the working tree through the collection symlink
 # instead of a built copy (and never reach for Ansible Galaxy).
@@ -82,5 +86,9 @@ molecule: venv collection
 		$(BIN)/molecule test -s $$s; \
 	done
 
+# The demo node keeps running after `make demo`; stop it before its files go.
 clean:
+	for conf in .demo/nodes/*/supervisord.conf; do \
+		if [ -e "$$conf" ]; then .demo/venv/bin/supervisorctl -c "$$conf" shutdown || true; fi; \
+	done
 	rm -rf $(VENV) $(BUILD) .demo
