@@ -22,8 +22,10 @@ extends_documentation_fragment:
   - rmsops.rms.database
 attributes:
   check_mode:
+    description: Can run in check mode and return changed status prediction without modifying target.
     support: full
   diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
     support: full
     details: The diff shows cluster metadata only, never key material or passwords.
 options:
@@ -84,7 +86,7 @@ seealso:
   - module: rmsops.rms.server
   - module: rmsops.rms.cluster_info
 author:
-  - rmsops.rms contributors
+  - rmsops.rms maintainers (@rmsops)
 """
 
 EXAMPLES = r"""

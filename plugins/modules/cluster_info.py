@@ -19,9 +19,11 @@ extends_documentation_fragment:
   - rmsops.rms.database
 attributes:
   check_mode:
+    description: Can run in check mode and return changed status prediction without modifying target.
     support: full
     details: The module only reads.
   diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
     support: none
 options:
   name:
@@ -33,7 +35,7 @@ seealso:
   - module: rmsops.rms.cluster
   - module: rmsops.rms.server
 author:
-  - rmsops.rms contributors
+  - rmsops.rms maintainers (@rmsops)
 """
 
 EXAMPLES = r"""

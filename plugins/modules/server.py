@@ -22,8 +22,10 @@ extends_documentation_fragment:
   - rmsops.rms.database
 attributes:
   check_mode:
+    description: Can run in check mode and return changed status prediction without modifying target.
     support: full
   diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
     support: full
     details: The diff shows the registration and the configuration file; of the secret file only whether it changes.
 options:
@@ -86,7 +88,7 @@ seealso:
   - module: rmsops.rms.cluster
   - module: rmsops.rms.cluster_info
 author:
-  - rmsops.rms contributors
+  - rmsops.rms maintainers (@rmsops)
 """
 
 EXAMPLES = r"""
