@@ -22,9 +22,10 @@ except ImportError:
 else:
     RMSD_IMPORT_ERROR = None
 
+# Completes missing_required_lib's "This is required ..." sentence.
 RMSD_HINT = (
-    "rmsd is installed on managed hosts by the rmsops.rms.server role (tasks_from: install); "
-    "point ansible_python_interpreter at the python of its virtualenv (server_venv_dir/bin/python)"
+    "by the rmsops.rms modules; the rmsops.rms.server role (tasks_from: install) installs rmsd into a "
+    "virtualenv: point ansible_python_interpreter at its python (server_venv_dir/bin/python)"
 )
 
 
