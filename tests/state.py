@@ -43,7 +43,7 @@ def server_params(cluster: dict, tmp_path, name="node1", port=18081) -> dict:
 
 
 def file_state(path: str) -> tuple | None:
-    """Content digest and mode of a file, None when it does not exist."""
+    """Content and mode of a file, None when it does not exist."""
     try:
         st = os.stat(path)
     except FileNotFoundError:

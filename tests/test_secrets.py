@@ -36,7 +36,7 @@ def test_diff_shows_metadata_only(ansible, sqlite_cluster, tmp_path):
         text = repr(run.result["diff"])
         assert not PEM.search(text)
         assert sqlite_cluster["key_password"] not in text
-    # The cluster's diff shows what a person checks: name and key id.
+    # The diff still says what changed: the cluster by name.
     assert "rms1" in repr(cluster.result["diff"])
 
 
