@@ -90,12 +90,20 @@ def test_key_size_change_is_refused_with_the_way_forward(database):
     assert database.dump() == dump
 
 
-@pytest.mark.parametrize(("option", "value"), [("role", "licensing"), ("key_protection", "pkcs11")])
+@pytest.mark.parametrize(("option", "value"), [("role", "primary"), ("key_protection", "pkcs11")])
 def test_unsupported_role_or_protection_is_refused(database, option, value):
     provision(database)
     dump = database.dump()
     with pytest.raises(RmsdError, match=f"{option} '{value}' is not supported; use one of"):
         provision(database, **{option: value})
+    assert database.dump() == dump
+
+
+def test_role_cannot_change(database):
+    provision(database)
+    dump = database.dump()
+    with pytest.raises(RmsdError, match="role cannot change"):
+        provision(database, role="licensing", enrollment_url="http://127.0.0.1:9")
     assert database.dump() == dump
 
 
@@ -151,7 +159,7 @@ def test_cluster_info_holds_no_key_material(database):
     provision(database)
     _row, key_row, _key, _slc = cluster_key(database)
     info = admin.cluster_info(name="c1", **database.admin_args())
-    assert info["exists"] is True and len(info["keys"]) == 1 and info["slc"]["fingerprint_sha256"]
+    assert info["exists"] is True and len(info["cluster_keys"]) == 1 and info["slc"]["fingerprint_sha256"]
     text = json.dumps(info)
     blob = key_row.encrypted_private_key
     for secret in ("PRIVATE", KEY_PASSWORD, blob.hex(), base64.b64encode(blob).decode(),

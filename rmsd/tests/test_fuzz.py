@@ -14,6 +14,7 @@ OPERATIONS = [
     ("POST", "/certification"),
     ("POST", "/publishing"),
     ("POST", "/licensing"),
+    ("POST", "/enrollment"),
 ]
 MAX_EXAMPLES = 100
 

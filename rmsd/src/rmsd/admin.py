@@ -4,20 +4,24 @@ This is what the Ansible collection calls; it never returns key material or secr
 import ipaddress
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlparse
 
 import sqlalchemy as sa
 
-from rmsd import clusters, db, pki
+from rmsd import clusters, db, licenses, pki
+from rmsd import enrollment as enrollment_lib
 from rmsd.config import NodeConfig, Secrets, read_text_or_none, write_atomic
 from rmsd.errors import RmsdError
 from rmsd.keys import KEY_SIZES, provider_for
 from rmsd.schema import utcnow
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-ROLES = ("root",)
+ROLES = ("root", "licensing")
+STATES = ("present", "decommissioned", "absent")
 PROTECTIONS = ("password",)
 HEARTBEAT_STALE_AFTER = 3  # heartbeats missed before a node counts as down
 
@@ -75,6 +79,8 @@ def _cluster_view(conn, row) -> dict:
         "active_key_id": key.id,
         "slc_fingerprint_sha256": slc.fingerprint_sha256 if slc else None,
         "slc_not_after": slc.not_after.isoformat() if slc else None,
+        # root: its own key; licensing: the root cluster key its SLC chains to.
+        "slc_issuer_key_id": slc.issuer_key_id if slc else None,
     }
 
 
@@ -87,13 +93,26 @@ def _open_active_key(conn, row, key_password: str | None):
         raise RmsdError(f"{err}. Nothing was changed.") from None
 
 
+@contextmanager
+def _writing(engine, database_url, name):
+    """A write transaction on cluster `name`: locked against concurrent runs, schema up to date."""
+    try:
+        with engine.begin() as conn:
+            db.lock(conn, name)
+            db.migrate(conn)
+            yield conn
+    except sa.exc.OperationalError as err:
+        raise db.connect_error(err, database_url) from None
+
+
 def ensure_cluster(
     *, name, database_url, database_password=None, role="root", key_protection="password", key_password=None,
-    key_size=2048, intranet_url=None, extranet_url=None, state="present", force=False, check_mode=False,
+    key_size=2048, intranet_url=None, extranet_url=None, enrollment_url=None, enrollment_credential=None,
+    enrollment_ca_path=None, state="present", force=False, check_mode=False,
 ) -> Result:
     _check_name("cluster name", name)
-    if state not in ("present", "absent"):
-        raise RmsdError(f"state must be present or absent, not {state!r}")
+    if state not in STATES:
+        raise RmsdError(f"state must be one of {', '.join(STATES)}, not {state!r}")
     engine = _engine(database_url, database_password)
     try:
         if state == "absent":
@@ -106,15 +125,26 @@ def ensure_cluster(
             raise RmsdError(f"key_size must be one of {', '.join(map(str, KEY_SIZES))}, not {key_size}")
         _check_url("intranet_url", intranet_url, required=True)
         _check_url("extranet_url", extranet_url, required=False)
+        if role == "licensing":
+            _check_url("enrollment_url", enrollment_url, required=True)
+            if enrollment_ca_path and not os.path.isfile(enrollment_ca_path):
+                raise RmsdError(f"enrollment_ca_path {enrollment_ca_path!r} is not a file")
+        elif enrollment_url or enrollment_credential:
+            raise RmsdError("enrollment_url and enrollment_credential are for role=licensing only: a root cluster "
+                            "certifies itself")
         provider = provider_for(key_protection, key_password=key_password)
         wanted = {
-            "name": name, "role": role, "state": "provisioned", "intranet_url": intranet_url,
-            "extranet_url": extranet_url, "key_protection": key_protection, "key_size": key_size,
+            "name": name, "role": role, "state": "decommissioned" if state == "decommissioned" else "provisioned",
+            "intranet_url": intranet_url, "extranet_url": extranet_url, "key_protection": key_protection,
+            "key_size": key_size,
         }
+        enrollment = {"url": enrollment_url, "ca_path": enrollment_ca_path, "credential": enrollment_credential}
         existing = _read(engine, database_url, lambda conn: _existing_cluster(conn, name, key_password))
         if existing is None:
-            return _provision(engine, database_url, wanted, provider, check_mode)
-        return _update_cluster(engine, database_url, existing, wanted, key_password, check_mode)
+            if state == "decommissioned":
+                raise RmsdError(f"cluster {name!r} does not exist in {database_url}; there is nothing to decommission")
+            return _provision(engine, database_url, wanted, provider, enrollment, check_mode)
+        return _update_cluster(engine, database_url, existing, wanted, key_password, enrollment, force, check_mode)
     finally:
         engine.dispose()
 
@@ -130,39 +160,52 @@ def _existing_cluster(conn, name, key_password):
             )
         return None
     _open_active_key(conn, row, key_password)
-    return _cluster_view(conn, row)
+    return dict(_cluster_view(conn, row), schema_revision=db.schema_revision(conn))
 
 
-def _provision(engine, database_url, wanted, provider, check_mode) -> Result:
+def _provision(engine, database_url, wanted, provider, enrollment, check_mode) -> Result:
     after = dict(wanted, active_key_id="(new key)")
     result = Result(changed=True, diff={"before": {}, "after": after}, facts={"cluster": after})
     if check_mode:
         return result
-    # Generate before taking the lock: key generation is the slow part.
+    # Generate (and enroll) before taking the lock: those are the slow parts.
     new_key = provider.generate(wanted["key_size"])
+    slcs = None
+    if wanted["role"] == "licensing":
+        slcs = _enroll(wanted, new_key.loaded, enrollment)
     now = utcnow()
     db.prepare_sqlite_file(engine)
-    try:
-        # One transaction: schema, cluster, key and SLC appear together or not at all.
-        with engine.begin() as conn:
-            db.lock(conn, wanted["name"])
-            db.migrate(conn)
-            row = clusters.get_cluster(conn, wanted["name"])
-            if row is not None:
-                # Provisioned concurrently by another run: converge on what is there.
-                return Result(changed=False, facts={"cluster": _cluster_view(conn, row)})
-            if clusters.other_cluster(conn, wanted["name"]) is not None:
-                raise RmsdError("this configuration database already holds another cluster")
-            clusters.provision_root(
-                conn, name=wanted["name"], intranet_url=wanted["intranet_url"],
-                extranet_url=wanted["extranet_url"], provider=provider, new_key=new_key, now=now,
-            )
-            view = _cluster_view(conn, clusters.get_cluster(conn, wanted["name"]))
-    except sa.exc.OperationalError as err:
-        raise db.connect_error(err, database_url) from None
+    # One transaction: schema, cluster, key and SLC appear together or not at all.
+    with _writing(engine, database_url, wanted["name"]) as conn:
+        row = clusters.get_cluster(conn, wanted["name"])
+        if row is not None:
+            # Provisioned concurrently by another run: converge on what is there.
+            return Result(changed=False, facts={"cluster": _cluster_view(conn, row)})
+        if clusters.other_cluster(conn, wanted["name"]) is not None:
+            raise RmsdError("this configuration database already holds another cluster")
+        common = {
+            "name": wanted["name"], "intranet_url": wanted["intranet_url"], "extranet_url": wanted["extranet_url"],
+            "provider": provider, "new_key": new_key, "now": now,
+        }
+        if slcs is None:
+            clusters.provision_root(conn, **common)
+        else:
+            clusters.provision_licensing(conn, slc=slcs[0], root_slc=slcs[1], **common)
+        view = _cluster_view(conn, clusters.get_cluster(conn, wanted["name"]))
     result.diff["after"] = view
     result.facts["cluster"] = view
     return result
+
+
+def _enroll(wanted, key, enrollment, root=None):
+    root = root or enrollment_lib.fetch_root_slc(enrollment["url"], enrollment["ca_path"])
+    if root.state != "provisioned":
+        raise RmsdError(f"root cluster {root.cluster!r} is {root.state}; it enrolls no licensing clusters")
+    return enrollment_lib.enroll(
+        enrollment["url"], enrollment["ca_path"], cluster=wanted["name"], key=key,
+        intranet_url=wanted["intranet_url"], extranet_url=wanted["extranet_url"],
+        credential=enrollment["credential"], expected_root=root,
+    )
 
 
 IMMUTABLE = {
@@ -174,27 +217,44 @@ IMMUTABLE = {
 }
 
 
-def _update_cluster(engine, database_url, current, wanted, key_password, check_mode) -> Result:
+def _update_cluster(engine, database_url, current, wanted, key_password, enrollment, force, check_mode) -> Result:
+    name = current["name"]
     for option, how in IMMUTABLE.items():
         if current[option] != wanted[option]:
             raise RmsdError(
-                f"cluster {current['name']!r} has {option}={current[option]!r}, asked for {wanted[option]!r}: {how}. "
+                f"cluster {name!r} has {option}={current[option]!r}, asked for {wanted[option]!r}: {how}. "
                 "Nothing was changed."
             )
-    changes = {k: wanted[k] for k in ("intranet_url", "extranet_url") if current[k] != wanted[k]}
+    if current["state"] == "decommissioned" and wanted["state"] == "provisioned" and not force:
+        raise RmsdError(
+            f"cluster {name!r} is decommissioned: it only serves use licenses. Decommissioning is one-way; set "
+            "force=true to let it issue certificates and publishing licenses again. Nothing was changed."
+        )
+    changes = {k: wanted[k] for k in ("state", "intranet_url", "extranet_url") if current[k] != wanted[k]}
+    if current.pop("schema_revision") != db.HEAD_REVISION:
+        changes["schema_revision"] = db.HEAD_REVISION  # _writing migrates
+    root = None
+    if current["role"] == "licensing":
+        root = enrollment_lib.fetch_root_slc(enrollment["url"], enrollment["ca_path"])
+        if current["slc_issuer_key_id"] != root.key_id:
+            # The root cluster has a new key: a licensing cluster re-enrolls its own (unchanged) key.
+            changes["slc_issuer_key_id"] = root.key_id
     if not changes:
         return Result(changed=False, facts={"cluster": current})
     before = {k: current[k] for k in changes}
     after = dict(current, **changes)
     if not check_mode:
-        try:
-            with engine.begin() as conn:
-                db.lock(conn, current["name"])
-                row = clusters.get_cluster(conn, current["name"])
-                _open_active_key(conn, row, key_password)
-                clusters.update_cluster(conn, row.id, utcnow(), **changes)
-        except sa.exc.OperationalError as err:
-            raise db.connect_error(err, database_url) from None
+        with engine.connect() as conn:
+            key = _open_active_key(conn, clusters.get_cluster(conn, name), key_password)
+        slcs = _enroll(wanted, key, enrollment, root) if "slc_issuer_key_id" in changes else None
+        with _writing(engine, database_url, name) as conn:
+            row = clusters.get_cluster(conn, name)
+            if slcs is not None:
+                clusters.save_enrollment(conn, row.id, slcs[0], slcs[1], utcnow())
+            columns = {k: v for k, v in changes.items() if k not in ("slc_issuer_key_id", "schema_revision")}
+            if columns:
+                clusters.update_cluster(conn, row.id, utcnow(), **columns)
+            after = _cluster_view(conn, clusters.get_cluster(conn, name))
     return Result(changed=True, diff={"before": before, "after": changes}, facts={"cluster": after})
 
 
@@ -215,12 +275,134 @@ def _cluster_absent(engine, database_url, name, force, check_mode) -> Result:
             "Export a trusted publishing domain first, then set force=true to unprovision. Nothing was changed."
         )
     if not check_mode:
-        with engine.begin() as conn:
-            db.lock(conn, name)
+        with _writing(engine, database_url, name) as conn:
             row = clusters.get_cluster(conn, name)
             if row is not None:
                 clusters.delete_cluster(conn, row.id)
     return Result(changed=True, diff={"before": view, "after": {}}, facts={"cluster": {}})
+
+
+# --- enrollment credentials (root cluster) --------------------------------------------------------
+
+MIN_SECRET_LENGTH = 24
+CREDENTIAL_VALIDITY = (60, 7 * 24 * 3600)  # seconds
+
+
+def ensure_enrollment_credential(
+    *, cluster, scope, database_url, database_password=None, secret=None, valid_for=900, state="present",
+    check_mode=False,
+) -> Result:
+    """On the root cluster: let licensing cluster `scope` enroll with `secret` for `valid_for` seconds.
+    Only a salted scrypt hash of the secret is stored. present: unchanged while a credential for
+    `scope` with this secret is still valid; otherwise a fresh one replaces it."""
+    _check_name("cluster", cluster)
+    _check_name("scope", scope)
+    if state not in ("present", "absent"):
+        raise RmsdError(f"state must be present or absent, not {state!r}")
+    if state == "present":
+        if not secret or len(secret) < MIN_SECRET_LENGTH:
+            raise RmsdError(f"secret must be at least {MIN_SECRET_LENGTH} characters (a random string)")
+        low, high = CREDENTIAL_VALIDITY
+        if not low <= int(valid_for) <= high:
+            raise RmsdError(f"valid_for must be between {low} and {high} seconds, not {valid_for}")
+    engine = _engine(database_url, database_password)
+    try:
+        def current(conn):
+            row = clusters.get_cluster(conn, cluster)
+            if row is None:
+                return None
+            if row.role != "root":
+                raise RmsdError(f"cluster {cluster!r} is a {row.role} cluster; enrollment credentials live on the root")
+            if scope == cluster:
+                raise RmsdError("scope names the licensing cluster that may enroll, not the root cluster itself")
+            cred = clusters.credential_row(conn, row.id, scope)
+            if cred is None:
+                return {}
+            return {
+                "scope": scope, "expires_at": cred.expires_at,
+                "matches": bool(secret) and clusters.secret_matches(cred, secret),
+            }
+
+        found = _read(engine, database_url, current)
+        if found is None:
+            raise RmsdError(f"root cluster {cluster!r} does not exist in {database_url}; provision it first")
+        now = utcnow()
+        before = {"scope": scope, "expires_at": found["expires_at"].isoformat()} if found else {}
+        if state == "absent":
+            if not found:
+                return Result(changed=False, facts={"credential": {}})
+            if not check_mode:
+                with _writing(engine, database_url, cluster) as conn:
+                    clusters.delete_credential(conn, clusters.get_cluster(conn, cluster).id, scope)
+            return Result(changed=True, diff={"before": before, "after": {}}, facts={"credential": {}})
+        if found and found["matches"] and found["expires_at"] > now:
+            return Result(changed=False, facts={"credential": before})
+        expires_at = now + timedelta(seconds=int(valid_for))
+        after = {"scope": scope, "expires_at": expires_at.isoformat()}
+        if not check_mode:
+            with _writing(engine, database_url, cluster) as conn:
+                row = clusters.get_cluster(conn, cluster)
+                clusters.save_credential(conn, row.id, scope, secret, expires_at, now)
+        # The secret is never part of the diff, only that it is (re)set.
+        return Result(changed=True, diff={"before": before, "after": dict(after, secret="(set)")},
+                      facts={"credential": after})
+    finally:
+        engine.dispose()
+
+
+# --- rights policy templates ----------------------------------------------------------------------
+
+
+def ensure_rights_template(
+    *, cluster, name, database_url, database_password=None, rights=None, description="", state="present",
+    check_mode=False,
+) -> Result:
+    """A named rights policy of cluster `cluster` that publishing licenses can reference."""
+    _check_name("cluster", cluster)
+    _check_name("template name", name)
+    if state not in ("present", "absent"):
+        raise RmsdError(f"state must be present or absent, not {state!r}")
+    description = description or ""
+    if len(description) > 512:
+        raise RmsdError("description is longer than 512 characters")
+    if state == "present":
+        try:
+            rights = licenses.normalize_rights(rights or {})
+        except RmsdError as err:
+            raise RmsdError(f"rights of template {name!r}: {err}") from None
+    engine = _engine(database_url, database_password)
+    try:
+        def current(conn):
+            row = clusters.get_cluster(conn, cluster)
+            if row is None:
+                return None
+            template = clusters.template_row(conn, row.id, name)
+            return {} if template is None else _template_view(template)
+
+        found = _read(engine, database_url, current)
+        if found is None:
+            raise RmsdError(f"cluster {cluster!r} does not exist in {database_url}; provision it first")
+        if state == "absent":
+            if not found:
+                return Result(changed=False, facts={"template": {}})
+            if not check_mode:
+                with _writing(engine, database_url, cluster) as conn:
+                    clusters.delete_template(conn, clusters.get_cluster(conn, cluster).id, name)
+            return Result(changed=True, diff={"before": found, "after": {}}, facts={"template": {}})
+        wanted = {"name": name, "description": description, "rights": rights}
+        if found == wanted:
+            return Result(changed=False, facts={"template": wanted})
+        if not check_mode:
+            with _writing(engine, database_url, cluster) as conn:
+                row = clusters.get_cluster(conn, cluster)
+                clusters.save_template(conn, row.id, name, description, rights, utcnow())
+        return Result(changed=True, diff={"before": found, "after": wanted}, facts={"template": wanted})
+    finally:
+        engine.dispose()
+
+
+def _template_view(row) -> dict:
+    return {"name": row.name, "description": row.description, "rights": row.rights}
 
 
 # --- servers -------------------------------------------------------------------------------------
@@ -314,8 +496,7 @@ def _server_present(engine, database_url, config: NodeConfig, config_path, secre
         },
     }
     if changed and not check_mode:
-        with engine.begin() as conn:
-            db.lock(conn, config.cluster)
+        with _writing(engine, database_url, config.cluster) as conn:
             row = clusters.get_cluster(conn, config.cluster)
             clusters.save_server(conn, row.id, config.name, config.listen_address, config.port, utcnow())
         write_atomic(secret_path, secret_text, 0o600)
@@ -341,8 +522,7 @@ def _server_absent(engine, database_url, cluster, name, config_path, secret_path
         return Result(changed=False, facts={"server": {}, "config_changed": False})
     if not check_mode:
         if is_registered:
-            with engine.begin() as conn:
-                db.lock(conn, cluster)
+            with _writing(engine, database_url, cluster) as conn:
                 row = clusters.get_cluster(conn, cluster)
                 clusters.delete_server(conn, row.id, name)
         for path in files:
@@ -362,7 +542,10 @@ def cluster_info(*, name, database_url, database_password=None) -> dict:
         info = _read(engine, database_url, lambda conn: _info(conn, name))
     finally:
         engine.dispose()
-    return info or {"exists": False, "cluster": {}, "nodes": [], "keys": [], "slc": {}, "content_per_key": {}}
+    return info or {
+        "exists": False, "cluster": {}, "nodes": [], "cluster_keys": [], "slc": {}, "root_slc": {},
+        "content_per_key": {}, "rights_templates": [], "enrollment_credentials": [], "enrollments": [],
+    }
 
 
 def _info(conn, name) -> dict | None:
@@ -391,15 +574,41 @@ def _info(conn, name) -> dict | None:
         }
         for k in clusters.keys_of(conn, row.id)
     ]
+    root_slc = {}
+    if row.role == "licensing":
+        root_row = clusters.root_slc_row(conn, row.id, slc_row.issuer_key_id)
+        root_slc = _cert_view(pki.load_pem(root_row.pem), root_row)
     return {
         "exists": True,
         "cluster": view,
         "nodes": nodes,
-        "keys": keys,
-        "slc": {
-            "subject": slc.subject.rfc4514_string(), "issuer": slc.issuer.rfc4514_string(),
-            "serial": slc_row.serial, "fingerprint_sha256": slc_row.fingerprint_sha256,
-            "not_before": slc_row.not_before.isoformat(), "not_after": slc_row.not_after.isoformat(),
-        },
+        "cluster_keys": keys,
+        "slc": dict(_cert_view(slc, slc_row), issuer_key_id=slc_row.issuer_key_id),
+        "root_slc": root_slc,
         "content_per_key": clusters.content_counts(conn, row.id),
+        "rights_templates": [_template_view(t) for t in clusters.templates_of(conn, row.id)],
+        # Metadata only: the secret's hash never leaves the database.
+        "enrollment_credentials": [
+            {
+                "scope": c.scope, "expires_at": c.expires_at.isoformat(), "expired": c.expires_at <= now,
+                "last_used_at": c.last_used_at.isoformat() if c.last_used_at else None,
+            }
+            for c in clusters.credentials_of(conn, row.id)
+        ],
+        "enrollments": [
+            {
+                "licensing_cluster": e.licensing_cluster, "key_id": e.key_id, "issuer_key_id": e.issuer_key_id,
+                "slc_fingerprint_sha256": e.fingerprint_sha256, "not_after": e.not_after.isoformat(),
+                "created_at": e.created_at.isoformat(),
+            }
+            for e in clusters.enrollments_of(conn, row.id)
+        ],
+    }
+
+
+def _cert_view(cert, cert_row) -> dict:
+    return {
+        "subject": cert.subject.rfc4514_string(), "issuer": cert.issuer.rfc4514_string(),
+        "serial": cert_row.serial, "fingerprint_sha256": cert_row.fingerprint_sha256, "key_id": cert_row.key_id,
+        "not_before": cert_row.not_before.isoformat(), "not_after": cert_row.not_after.isoformat(),
     }

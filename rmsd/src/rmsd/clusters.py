@@ -1,6 +1,9 @@
 """Cluster, key, certificate and node records in the configuration database.
 Every function takes a connection inside the caller's transaction."""
 
+import hashlib
+import hmac
+import os
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -8,7 +11,17 @@ import sqlalchemy as sa
 from rmsd import pki
 from rmsd.errors import RmsdError
 from rmsd.keys import ClusterKey, KeyProvider, NewKey
-from rmsd.schema import certificates, cluster_keys, clusters, content, racs, servers
+from rmsd.schema import (
+    certificates,
+    cluster_keys,
+    clusters,
+    content,
+    enrollment_credentials,
+    enrollments,
+    racs,
+    rights_templates,
+    servers,
+)
 
 
 def get_cluster(conn: sa.Connection, name: str):
@@ -38,7 +51,7 @@ def active_key_row(conn: sa.Connection, cluster_id: int):
 def current_slc_row(conn: sa.Connection, cluster_id: int, key_id: str):
     query = (
         sa.select(certificates)
-        .where(certificates.c.cluster_id == cluster_id, certificates.c.key_id == key_id)
+        .where(certificates.c.cluster_id == cluster_id, certificates.c.key_id == key_id, certificates.c.kind == "slc")
         .order_by(certificates.c.not_after.desc())
     )
     return conn.execute(query).first()
@@ -64,12 +77,14 @@ def insert_key(conn: sa.Connection, cluster_id: int, provider: KeyProvider, new:
     )
 
 
-def insert_slc(conn: sa.Connection, cluster_id: int, cert, issuer_key_id: str, key_id: str, now: datetime) -> None:
+def insert_slc(
+    conn: sa.Connection, cluster_id: int, cert, issuer_key_id: str, key_id: str, now: datetime, kind: str = "slc",
+) -> None:
     conn.execute(
         certificates.insert().values(
             serial=pki.serial_hex(cert),
             cluster_id=cluster_id,
-            kind="slc",
+            kind=kind,
             key_id=key_id,
             issuer_key_id=issuer_key_id,
             pem=pki.to_pem(cert),
@@ -81,15 +96,11 @@ def insert_slc(conn: sa.Connection, cluster_id: int, cert, issuer_key_id: str, k
     )
 
 
-def provision_root(
-    conn: sa.Connection, *, name: str, intranet_url: str, extranet_url: str | None,
-    provider: KeyProvider, new_key: NewKey, now: datetime,
-) -> None:
-    """Cluster row, its first active key and its self-issued SLC, in the caller's transaction."""
+def _insert_cluster(conn, *, name, role, intranet_url, extranet_url, provider, new_key, now) -> int:
     cluster_id = conn.execute(
         clusters.insert().values(
             name=name,
-            role="root",
+            role=role,
             state="provisioned",
             intranet_url=intranet_url,
             extranet_url=extranet_url,
@@ -100,9 +111,63 @@ def provision_root(
         )
     ).inserted_primary_key[0]
     insert_key(conn, cluster_id, provider, new_key, now)
+    return cluster_id
+
+
+def provision_root(
+    conn: sa.Connection, *, name: str, intranet_url: str, extranet_url: str | None,
+    provider: KeyProvider, new_key: NewKey, now: datetime,
+) -> None:
+    """Cluster row, its first active key and its self-issued SLC, in the caller's transaction."""
+    cluster_id = _insert_cluster(
+        conn, name=name, role="root", intranet_url=intranet_url, extranet_url=extranet_url, provider=provider,
+        new_key=new_key, now=now,
+    )
     key: ClusterKey = new_key.loaded
     slc = pki.issue_root_slc(key, name, [u for u in (intranet_url, extranet_url) if u], now)
     insert_slc(conn, cluster_id, slc, key.key_id, key.key_id, now)
+
+
+def provision_licensing(
+    conn: sa.Connection, *, name: str, intranet_url: str, extranet_url: str | None,
+    provider: KeyProvider, new_key: NewKey, slc, root_slc, now: datetime,
+) -> None:
+    """Cluster row, its first active key, the SLC the root cluster issued for it and the root SLC it
+    chains to, in the caller's transaction."""
+    cluster_id = _insert_cluster(
+        conn, name=name, role="licensing", intranet_url=intranet_url, extranet_url=extranet_url, provider=provider,
+        new_key=new_key, now=now,
+    )
+    save_enrollment(conn, cluster_id, slc, root_slc, now)
+
+
+def save_enrollment(conn: sa.Connection, cluster_id: int, slc, root_slc, now: datetime) -> None:
+    """Keep an SLC the root cluster issued to this licensing cluster, and the root SLC it chains to."""
+    root_key_id = pki.cert_key_id(root_slc)
+    insert_slc(conn, cluster_id, slc, root_key_id, pki.cert_key_id(slc), now)
+    known = conn.execute(
+        sa.select(certificates.c.serial).where(
+            certificates.c.cluster_id == cluster_id, certificates.c.serial == pki.serial_hex(root_slc)
+        )
+    ).first()
+    if known is None:
+        insert_slc(conn, cluster_id, root_slc, root_key_id, root_key_id, now, kind="root")
+
+
+def trust_anchors(conn: sa.Connection, row) -> list:
+    """The root SLCs whose RACs this cluster accepts: its own SLCs on the root cluster, the root
+    cluster's SLCs on a licensing cluster."""
+    kind = "slc" if row.role == "root" else "root"
+    query = sa.select(certificates.c.pem).where(certificates.c.cluster_id == row.id, certificates.c.kind == kind)
+    return [pki.load_pem(pem) for (pem,) in conn.execute(query)]
+
+
+def root_slc_row(conn: sa.Connection, cluster_id: int, key_id: str):
+    """A licensing cluster's copy of the root SLC for the root key `key_id`."""
+    query = sa.select(certificates).where(
+        certificates.c.cluster_id == cluster_id, certificates.c.kind == "root", certificates.c.key_id == key_id
+    )
+    return conn.execute(query.order_by(certificates.c.not_after.desc())).first()
 
 
 def update_cluster(conn: sa.Connection, cluster_id: int, now: datetime, **values) -> None:
@@ -110,7 +175,9 @@ def update_cluster(conn: sa.Connection, cluster_id: int, now: datetime, **values
 
 
 def delete_cluster(conn: sa.Connection, cluster_id: int) -> None:
-    for table in (racs, content, servers, certificates, cluster_keys):
+    for table in (
+        racs, content, servers, certificates, rights_templates, enrollment_credentials, enrollments, cluster_keys,
+    ):
         conn.execute(table.delete().where(table.c.cluster_id == cluster_id))
     conn.execute(clusters.delete().where(clusters.c.id == cluster_id))
 
@@ -183,3 +250,98 @@ def record_rac(conn, cluster_id: int, cert, subject: str, now: datetime) -> None
             not_after=cert.not_valid_after_utc, created_at=now,
         )
     )
+
+
+
+# --- rights policy templates ----------------------------------------------------------------------
+
+
+def templates_of(conn: sa.Connection, cluster_id: int) -> list:
+    query = sa.select(rights_templates).where(rights_templates.c.cluster_id == cluster_id)
+    return list(conn.execute(query.order_by(rights_templates.c.name)))
+
+
+def template_row(conn: sa.Connection, cluster_id: int, name: str):
+    query = sa.select(rights_templates).where(
+        rights_templates.c.cluster_id == cluster_id, rights_templates.c.name == name
+    )
+    return conn.execute(query).first()
+
+
+def save_template(conn, cluster_id: int, name: str, description: str, rights: dict, now: datetime) -> None:
+    if template_row(conn, cluster_id, name) is None:
+        conn.execute(rights_templates.insert().values(
+            cluster_id=cluster_id, name=name, description=description, rights=rights, created_at=now, updated_at=now,
+        ))
+    else:
+        conn.execute(
+            rights_templates.update()
+            .where(rights_templates.c.cluster_id == cluster_id, rights_templates.c.name == name)
+            .values(description=description, rights=rights, updated_at=now)
+        )
+
+
+def delete_template(conn: sa.Connection, cluster_id: int, name: str) -> None:
+    conn.execute(
+        rights_templates.delete().where(rights_templates.c.cluster_id == cluster_id, rights_templates.c.name == name)
+    )
+
+
+# --- enrollment (on the root cluster) ------------------------------------------------------------
+
+# scrypt: a leaked configuration database does not hand out enrollment secrets.
+_SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
+
+
+def hash_secret(secret: str, salt: bytes) -> bytes:
+    return hashlib.scrypt(secret.encode(), salt=salt, **_SCRYPT)
+
+
+def credential_row(conn: sa.Connection, cluster_id: int, scope: str):
+    query = sa.select(enrollment_credentials).where(
+        enrollment_credentials.c.cluster_id == cluster_id, enrollment_credentials.c.scope == scope
+    )
+    return conn.execute(query).first()
+
+
+def credentials_of(conn: sa.Connection, cluster_id: int) -> list:
+    query = sa.select(enrollment_credentials).where(enrollment_credentials.c.cluster_id == cluster_id)
+    return list(conn.execute(query.order_by(enrollment_credentials.c.scope)))
+
+
+def secret_matches(row, secret: str) -> bool:
+    return hmac.compare_digest(hash_secret(secret, row.salt), row.secret_hash)
+
+
+def save_credential(conn, cluster_id: int, scope: str, secret: str, expires_at: datetime, now: datetime) -> None:
+    delete_credential(conn, cluster_id, scope)
+    salt = os.urandom(16)
+    conn.execute(enrollment_credentials.insert().values(
+        cluster_id=cluster_id, scope=scope, secret_hash=hash_secret(secret, salt), salt=salt,
+        expires_at=expires_at, created_at=now,
+    ))
+
+
+def delete_credential(conn: sa.Connection, cluster_id: int, scope: str) -> None:
+    conn.execute(enrollment_credentials.delete().where(
+        enrollment_credentials.c.cluster_id == cluster_id, enrollment_credentials.c.scope == scope
+    ))
+
+
+def credential_used(conn: sa.Connection, credential_id: int, now: datetime) -> None:
+    conn.execute(
+        enrollment_credentials.update().where(enrollment_credentials.c.id == credential_id).values(last_used_at=now)
+    )
+
+
+def record_enrollment(conn, cluster_id: int, licensing_cluster: str, slc, issuer_key_id: str, now: datetime) -> None:
+    conn.execute(enrollments.insert().values(
+        serial=pki.serial_hex(slc), cluster_id=cluster_id, licensing_cluster=licensing_cluster,
+        key_id=pki.cert_key_id(slc), issuer_key_id=issuer_key_id, fingerprint_sha256=pki.fingerprint(slc),
+        not_after=slc.not_valid_after_utc, created_at=now,
+    ))
+
+
+def enrollments_of(conn: sa.Connection, cluster_id: int) -> list:
+    query = sa.select(enrollments).where(enrollments.c.cluster_id == cluster_id)
+    return list(conn.execute(query.order_by(enrollments.c.created_at)))

@@ -15,6 +15,15 @@ from rmsd.errors import RmsdError
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
+def _head_revision() -> str:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return ScriptDirectory.from_config(config).get_current_head()
+
+
+HEAD_REVISION = _head_revision()
+
+
 def make_engine(database_url: str, password: str | None = None) -> sa.Engine:
     """An engine for `sqlite:///PATH` or `postgresql://USER@HOST:PORT/DB` (password given apart)."""
     try:
@@ -85,9 +94,12 @@ def _alembic_config(conn: sa.Connection) -> Config:
     return config
 
 
+def schema_revision(conn: sa.Connection) -> str | None:
+    return MigrationContext.configure(conn).get_current_revision()
+
+
 def schema_current(conn: sa.Connection) -> bool:
-    head = ScriptDirectory.from_config(_alembic_config(conn)).get_current_head()
-    return MigrationContext.configure(conn).get_current_revision() == head
+    return schema_revision(conn) == HEAD_REVISION
 
 
 def migrate(conn: sa.Connection) -> None:

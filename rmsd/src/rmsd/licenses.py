@@ -71,7 +71,8 @@ def normalize_rights(rights: dict[str, list[str]]) -> dict[str, list[str]]:
 
 
 def issue_pl(
-    key: ClusterKey, cluster: str, content_id: str, owner: str, rights: dict, content_key: bytes, now: datetime
+    key: ClusterKey, cluster: str, content_id: str, owner: str, rights: dict, content_key: bytes, now: datetime,
+    template: str | None = None,
 ) -> tuple[str, dict]:
     claims = {
         "iss": cluster,
@@ -83,6 +84,8 @@ def issue_pl(
         "wrapped_key": wrap_content_key(content_key, key.public_key, key.wrap_alg, key.key_id),
         "iat": int(now.timestamp()),
     }
+    if template is not None:
+        claims["template"] = template
     return _sign(key, PL_TYPE, claims), claims
 
 

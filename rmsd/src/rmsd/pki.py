@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from rmsd.errors import InvalidRequestError
-from rmsd.keys import ClusterKey
+from rmsd.keys import ClusterKey, key_id_of
 
 SLC_VALIDITY = timedelta(days=5 * 365)
 RAC_VALIDITY = timedelta(days=365)
@@ -76,6 +76,79 @@ def issue_root_slc(
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in urls]), critical=False
         )
     return key.sign_certificate(builder)
+
+
+def cluster_csr(key: ClusterKey, cluster_name: str) -> str:
+    """A PKCS#10 request for a licensing cluster's SLC, signed by its cluster key.
+
+    Built with asn1crypto and signed through `ClusterKey.sign`, so any key provider (an HSM too)
+    can make it: the private key never has to be in this process."""
+    from asn1crypto import csr as asn1_csr
+    from asn1crypto import keys as asn1_keys
+    from asn1crypto import pem
+    from asn1crypto import x509 as asn1_x509
+
+    spki = key.public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    info = asn1_csr.CertificationRequestInfo({
+        "version": "v1",
+        "subject": asn1_x509.Name.build({
+            "organization_name": "rmsd",
+            "organizational_unit_name": "licensing cluster",
+            "common_name": f"{cluster_name} SLC",
+        }),
+        "subject_pk_info": asn1_keys.PublicKeyInfo.load(spki),
+        "attributes": [],
+    })
+    request = asn1_csr.CertificationRequest({
+        "certification_request_info": info,
+        "signature_algorithm": {"algorithm": "sha256_rsa"},
+        "signature": key.sign(info.dump()),
+    })
+    return pem.armor("CERTIFICATE REQUEST", request.dump()).decode()
+
+
+def issue_licensing_slc(
+    root_key: ClusterKey, root_slc: x509.Certificate, cluster_name: str, csr: x509.CertificateSigningRequest,
+    urls: list[str], now: datetime,
+) -> x509.Certificate:
+    """A licensing cluster's SLC: its cluster key certified by the root cluster's active key. It signs
+    licenses, not certificates, so it is no CA."""
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(slc_subject(cluster_name, "licensing"))
+        .issuer_name(root_slc.subject)
+        .public_key(csr.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(min(now + SLC_VALIDITY, root_slc.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=True,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(root_slc.public_key()), critical=False)
+    )
+    if urls:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in urls]), critical=False
+        )
+    return root_key.sign_certificate(builder)
+
+
+def cert_key_id(cert: x509.Certificate) -> str:
+    """The cluster key id (see rmsd.keys.key_id_of) of a certificate's subject key."""
+    return key_id_of(cert.public_key())
 
 
 def load_csr(csr_pem: str) -> x509.CertificateSigningRequest:

@@ -66,7 +66,8 @@ certificates = sa.Table(
     metadata,
     sa.Column("serial", sa.String(48), primary_key=True),
     sa.Column("cluster_id", sa.Integer, sa.ForeignKey("clusters.id", ondelete="CASCADE"), nullable=False),
-    sa.Column("kind", sa.String(8), nullable=False),  # slc
+    # slc: this cluster's own SLC; root: a licensing cluster's copy of the root SLC it chains to
+    sa.Column("kind", sa.String(8), nullable=False),
     sa.Column("key_id", sa.String(40), nullable=False),  # the subject key
     sa.Column("issuer_key_id", sa.String(40), nullable=False),
     sa.Column("pem", sa.Text, nullable=False),
@@ -109,6 +110,50 @@ racs = sa.Table(
     sa.Column("serial", sa.String(48), primary_key=True),
     sa.Column("cluster_id", sa.Integer, sa.ForeignKey("clusters.id", ondelete="CASCADE"), nullable=False),
     sa.Column("subject", sa.String(256), nullable=False),
+    sa.Column("not_after", UTCDateTime, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+)
+
+
+rights_templates = sa.Table(
+    "rights_templates",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("cluster_id", sa.Integer, sa.ForeignKey("clusters.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("description", sa.String(512), nullable=False),
+    sa.Column("rights", sa.JSON, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("updated_at", UTCDateTime, nullable=False),
+    sa.UniqueConstraint("cluster_id", "name"),
+)
+
+# On the root cluster: who may enroll a licensing cluster. Only a salted scrypt hash of the
+# secret is kept; the secret itself exists only in the operator's hands.
+enrollment_credentials = sa.Table(
+    "enrollment_credentials",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("cluster_id", sa.Integer, sa.ForeignKey("clusters.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("scope", sa.String(64), nullable=False),  # the licensing cluster it may enroll
+    sa.Column("secret_hash", sa.LargeBinary, nullable=False),
+    sa.Column("salt", sa.LargeBinary, nullable=False),
+    sa.Column("expires_at", UTCDateTime, nullable=False),
+    sa.Column("created_at", UTCDateTime, nullable=False),
+    sa.Column("last_used_at", UTCDateTime),
+    sa.UniqueConstraint("cluster_id", "scope"),
+)
+
+# On the root cluster: the SLCs it issued to licensing clusters.
+enrollments = sa.Table(
+    "enrollments",
+    metadata,
+    sa.Column("serial", sa.String(48), primary_key=True),
+    sa.Column("cluster_id", sa.Integer, sa.ForeignKey("clusters.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("licensing_cluster", sa.String(64), nullable=False),
+    sa.Column("key_id", sa.String(40), nullable=False),  # the licensing cluster's key
+    sa.Column("issuer_key_id", sa.String(40), nullable=False),
+    sa.Column("fingerprint_sha256", sa.String(64), nullable=False),
     sa.Column("not_after", UTCDateTime, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
 )

@@ -15,12 +15,12 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
-from rmsd import clusters, db, licenses, pki
+from rmsd import __version__, clusters, db, licenses, pki
 from rmsd.config import NodeConfig, load_secrets
 from rmsd.errors import AuthenticationError, ForbiddenError, InvalidRequestError, NotFoundError, RmsdError
 from rmsd.identity import Principal, TokenVerifier
 from rmsd.keys import ClusterKey, provider_for
-from rmsd.schema import certificates, utcnow
+from rmsd.schema import utcnow
 
 log = logging.getLogger("rmsd")
 ACTIVE_KEY_TTL = 5.0  # seconds a node trusts its view of the active key before reading it again
@@ -29,8 +29,9 @@ ACTIVE_KEY_TTL = 5.0  # seconds a node trusts its view of the active key before 
 class ClusterState:
     """What a node knows about its cluster, read from the configuration database."""
 
-    def __init__(self, row, active: ClusterKey, slc_pem: str, trusted_slcs: list):
+    def __init__(self, row, active: ClusterKey, slc_pem: str, chain: list[str], trusted_slcs: list):
         self.row, self.active, self.slc_pem, self.trusted_slcs = row, active, slc_pem, trusted_slcs
+        self.chain = chain  # the SLC, then (licensing clusters) the root SLC it chains to
         self.read_at = time.monotonic()
 
 
@@ -70,9 +71,11 @@ class Node:
                     key_row = clusters.active_key_row(conn, row.id)
                     active = self.load_key(conn, key_row.id)
                     slc = clusters.current_slc_row(conn, row.id, key_row.id)
-                    query = sa.select(certificates.c.pem).where(certificates.c.cluster_id == row.id)
-                    trusted = [pki.load_pem(pem) for (pem,) in conn.execute(query)]
-                self._state = ClusterState(row, active, slc.pem, trusted)
+                    chain = [slc.pem]
+                    if row.role == "licensing":
+                        chain.append(clusters.root_slc_row(conn, row.id, slc.issuer_key_id).pem)
+                    trusted = clusters.trust_anchors(conn, row)
+                self._state = ClusterState(row, active, slc.pem, chain, trusted)
             return self._state
 
     def heartbeat_loop(self) -> None:
@@ -113,15 +116,50 @@ class Node:
             clusters.record_rac(conn, state.row.id, rac, user.subject, now)
         return {"rac": pki.to_pem(rac), "chain": [state.slc_pem]}
 
-    def publish(self, user: Principal, content_id: str, content_key_b64: str, rights: dict) -> dict:
+    def enroll(self, cluster: str, credential: str, csr_pem: str, urls: list[str]) -> dict:
+        """Certify a licensing cluster's key with the root cluster's active key."""
+        state = self.state()
+        if state.row.role != "root":
+            raise ForbiddenError("enrollment is done by the root cluster only")
+        self._refuse_if_decommissioned(state, "enroll licensing clusters")
+        if cluster == state.row.name:
+            raise ForbiddenError("the root cluster cannot enroll itself")
+        now = utcnow()
+        with self.engine.connect() as conn:
+            found = clusters.credential_row(conn, state.row.id, cluster)
+        # Authenticate before looking at the request; one message for every refusal, so it tells no
+        # one which scopes exist.
+        if found is None or not clusters.secret_matches(found, credential) or found.expires_at <= now:
+            raise AuthenticationError(
+                f"no valid enrollment credential for cluster {cluster!r} (unknown, wrong or expired)"
+            )
+        csr = pki.load_csr(csr_pem)
+        slc = pki.issue_licensing_slc(state.active, pki.load_pem(state.slc_pem), cluster, csr, urls, now)
+        with self.engine.begin() as conn:
+            clusters.credential_used(conn, found.id, now)
+            clusters.record_enrollment(conn, state.row.id, cluster, slc, state.active.key_id, now)
+        log.info("enrolled licensing cluster %s (key %s)", cluster, pki.cert_key_id(slc))
+        return {"slc": pki.to_pem(slc), "chain": [state.slc_pem]}
+
+    def publish(
+        self, user: Principal, content_id: str, content_key_b64: str, rights: dict, template: str | None = None,
+    ) -> dict:
         state = self.state()
         self._refuse_if_decommissioned(state, "publish")
         content_key = _b64url_decode(content_key_b64, "content_key")
         if len(content_key) != 32:
             raise InvalidRequestError("content_key must be 32 bytes (AES-256), base64url encoded")
+        if template is not None:
+            with self.engine.connect() as conn:
+                found = clusters.template_row(conn, state.row.id, template)
+            if found is None:
+                raise NotFoundError(f"cluster {state.row.name} has no rights policy template {template!r}")
+            rights = _merge_rights(found.rights, rights)
         rights = licenses.normalize_rights(rights)
         now = utcnow()
-        pl, claims = licenses.issue_pl(state.active, state.row.name, content_id, user.subject, rights, content_key, now)
+        pl, claims = licenses.issue_pl(
+            state.active, state.row.name, content_id, user.subject, rights, content_key, now, template=template,
+        )
         with self.engine.begin() as conn:
             clusters.record_content(conn, state.row.id, claims, now)
         return {"pl": pl, "pl_id": claims["pl_id"], "content_id": content_id, "key_id": claims["key_id"]}
@@ -167,6 +205,14 @@ class Node:
             raise ForbiddenError(f"cluster {state.row.name} is {state.row.state}: it no longer may {what}")
 
 
+def _merge_rights(template: dict, extra: dict) -> dict:
+    """A template's rights, plus what the publisher grants on top."""
+    merged = {principal: list(granted) for principal, granted in template.items()}
+    for principal, granted in extra.items():
+        merged[principal] = sorted(set(merged.get(principal, [])) | set(granted))
+    return merged
+
+
 def _b64url_decode(value: str, what: str) -> bytes:
     try:
         return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
@@ -185,8 +231,20 @@ class PublishingRequest(BaseModel):
     content_id: str = Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")
     content_key: str = Field(max_length=128, description="the content's AES-256 key, base64url")
     rights: dict[str, list[str]] = Field(
-        description="principal (user id, or group:NAME) -> rights (VIEW, EDIT, PRINT, ...)", max_length=256
+        default_factory=dict, max_length=256,
+        description="principal (user id, or group:NAME) -> rights (VIEW, EDIT, PRINT, ...); added to the template's",
     )
+    template: str | None = Field(
+        default=None, min_length=1, max_length=64, description="a rights policy template of this cluster"
+    )
+
+
+class EnrollmentRequest(BaseModel):
+    cluster: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="the licensing cluster")
+    csr: str = Field(max_length=16384, description="PEM PKCS#10 request signed by the licensing cluster key")
+    intranet_url: str = Field(max_length=512, pattern=r"^https?://")
+    extranet_url: str | None = Field(default=None, max_length=512, pattern=r"^https?://")
+    credential: str = Field(min_length=1, max_length=512, description="the enrollment credential's secret")
 
 
 class LicensingRequest(BaseModel):
@@ -201,13 +259,21 @@ class Health(BaseModel):
     role: str
     state: str
     active_key_id: str
+    version: str
 
 
 class Slc(BaseModel):
     cluster: str
     role: str
+    state: str
     intranet_url: str
     extranet_url: str | None
+    key_id: str
+    chain: list[str] = Field(description="the cluster's SLC, then the root SLC it chains to (licensing clusters)")
+
+
+class Enrollment(BaseModel):
+    slc: str
     chain: list[str]
 
 
@@ -256,7 +322,7 @@ def create_app(config: NodeConfig) -> FastAPI:
         yield
         node.stop()
 
-    app = FastAPI(title="rmsd", version="0.1.0", lifespan=lifespan, responses=PROBLEMS)
+    app = FastAPI(title="rmsd", version=__version__, lifespan=lifespan, responses=PROBLEMS)
     app.state.node = node
 
     @app.exception_handler(RmsdError)
@@ -283,15 +349,15 @@ def create_app(config: NodeConfig) -> FastAPI:
         state = node.state()
         return Health(
             status="ok", cluster=state.row.name, node=config.name, role=state.row.role, state=state.row.state,
-            active_key_id=state.active.key_id,
+            active_key_id=state.active.key_id, version=__version__,
         )
 
     @app.get("/slc", response_model=Slc, tags=["node"])
     def slc():
         state = node.state()
         return Slc(
-            cluster=state.row.name, role=state.row.role, intranet_url=state.row.intranet_url,
-            extranet_url=state.row.extranet_url, chain=[state.slc_pem],
+            cluster=state.row.name, role=state.row.role, state=state.row.state, intranet_url=state.row.intranet_url,
+            extranet_url=state.row.extranet_url, key_id=state.active.key_id, chain=state.chain,
         )
 
     @app.post("/certification", response_model=Rac, tags=["certification"])
@@ -300,11 +366,16 @@ def create_app(config: NodeConfig) -> FastAPI:
 
     @app.post("/publishing", response_model=PublishingLicense, tags=["publishing"])
     def publishing(body: PublishingRequest, principal: User):
-        return node.publish(principal, body.content_id, body.content_key, body.rights)
+        return node.publish(principal, body.content_id, body.content_key, body.rights, body.template)
 
     @app.post("/licensing", response_model=UseLicense, tags=["licensing"])
     def licensing(body: LicensingRequest, principal: User):
         return node.license(principal, body.pl, body.rac)
+
+    @app.post("/enrollment", response_model=Enrollment, tags=["enrollment"])
+    def enrollment(body: EnrollmentRequest):
+        urls = [u for u in (body.intranet_url, body.extranet_url) if u]
+        return node.enroll(body.cluster, body.credential, body.csr, urls)
 
     return app
 

@@ -1,0 +1,95 @@
+"""A licensing cluster's side of enrollment: ask the root cluster (over HTTP) to certify the
+licensing cluster key, and check what comes back before anything is stored."""
+
+from dataclasses import dataclass
+
+import httpx
+from cryptography import x509
+
+from rmsd import pki
+from rmsd.errors import RmsdError
+from rmsd.keys import ClusterKey
+from rmsd.schema import utcnow
+
+TIMEOUT = 30.0
+
+
+@dataclass
+class RootSlc:
+    """What the root cluster publishes at GET /slc."""
+
+    cluster: str
+    state: str
+    cert: x509.Certificate
+
+    @property
+    def key_id(self) -> str:
+        return pki.cert_key_id(self.cert)
+
+
+def _client(url: str, ca_path: str | None) -> httpx.Client:
+    return httpx.Client(base_url=url.rstrip("/"), timeout=TIMEOUT, verify=ca_path or True)
+
+
+def _call(url: str, ca_path: str | None, method: str, path: str, body: dict | None = None) -> dict:
+    try:
+        with _client(url, ca_path) as http:
+            response = http.request(method, path, json=body)
+    except httpx.HTTPError as err:
+        raise RmsdError(
+            f"cannot reach the root cluster at {url}: {type(err).__name__}: {err}. Check enrollment_url "
+            "(and enrollment_ca_path for https) and that the root cluster is running. Nothing was changed."
+        ) from None
+    if response.status_code != 200:
+        try:
+            detail = response.json().get("detail")
+        except ValueError:
+            detail = response.text[:200]
+        if response.status_code == 401:
+            raise RmsdError(
+                f"the root cluster at {url} refused the enrollment credential: {detail}. Create a fresh one on the "
+                "root cluster with rmsops.rms.enrollment_credential (scope = this cluster's name). Nothing was changed."
+            )
+        raise RmsdError(f"the root cluster at {url} answered {response.status_code}: {detail}. Nothing was changed.")
+    return response.json()
+
+
+def fetch_root_slc(url: str, ca_path: str | None) -> RootSlc:
+    answer = _call(url, ca_path, "GET", "/slc")
+    if answer.get("role") != "root":
+        raise RmsdError(
+            f"{url} is cluster {answer.get('cluster')!r} with role {answer.get('role')!r}; enrollment_url must "
+            "point to the root cluster"
+        )
+    return RootSlc(answer["cluster"], answer["state"], pki.load_pem(answer["chain"][0]))
+
+
+def enroll(
+    url: str, ca_path: str | None, *, cluster: str, key: ClusterKey, intranet_url: str, extranet_url: str | None,
+    credential: str | None, expected_root: RootSlc,
+) -> tuple[x509.Certificate, x509.Certificate]:
+    """(licensing SLC, root SLC): the root cluster certifies `key` for licensing cluster `cluster`."""
+    if not credential:
+        raise RmsdError(
+            f"licensing cluster {cluster!r} must enroll with the root cluster at {url}, which needs an "
+            "enrollment_credential: create one on the root cluster with rmsops.rms.enrollment_credential "
+            f"(scope: {cluster}) and pass its secret. Nothing was changed."
+        )
+    body = {
+        "cluster": cluster,
+        "csr": pki.cluster_csr(key, cluster),
+        "intranet_url": intranet_url,
+        "extranet_url": extranet_url,
+        "credential": credential,
+    }
+    answer = _call(url, ca_path, "POST", "/enrollment", body)
+    try:
+        slc, root = pki.load_pem(answer["slc"]), pki.load_pem(answer["chain"][0])
+    except (KeyError, IndexError, ValueError):
+        raise RmsdError(f"the root cluster at {url} answered the enrollment with no usable SLC") from None
+    # Store nothing the root did not really issue for this very key.
+    if pki.cert_key_id(slc) != key.key_id:
+        raise RmsdError("the SLC the root cluster returned certifies another key than this cluster's")
+    if pki.cert_key_id(root) != expected_root.key_id or not pki.verify_issued_by(slc, root, utcnow()):
+        raise RmsdError("the SLC the root cluster returned does not chain to the root cluster's active key")
+    return slc, root
