@@ -22,7 +22,7 @@ def cluster_state(name: str, database_url: str, database_password: str | None = 
     return {
         "exists": info["exists"],
         "cluster": info["cluster"],
-        "keys": [{k: key[k] for k in ("id", "status", "size", "protection")} for key in info["keys"]],
+        "cluster_keys": [{k: key[k] for k in ("id", "status", "size", "protection")} for key in info["cluster_keys"]],
         "slc": info["slc"].get("fingerprint_sha256"),
         "nodes": sorted((n["name"], n["listen_address"], n["port"]) for n in info["nodes"]),
     }

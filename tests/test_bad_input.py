@@ -54,7 +54,7 @@ def test_cluster_wrong_key_password(ansible, provisioned):
 
 def test_key_size_cannot_change_in_place(ansible, provisioned):
     before = state_of(provisioned)
-    assert before["keys"][0]["size"] == 2048
+    assert before["cluster_keys"][0]["size"] == 2048
     run = ansible.run("rmsops.rms.cluster", dict(provisioned, key_size=3072))
     assert run.failed
     # The message names the option and the way to get a new key size: a key rollover.

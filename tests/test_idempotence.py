@@ -12,7 +12,7 @@ def test_cluster_four_runs(ansible, sqlite_cluster):
     state = outcome["state"]
     assert state["exists"] is True
     assert state["cluster"]["name"] == "rms1"
-    assert [k["status"] for k in state["keys"]] == ["active"]
+    assert [k["status"] for k in state["cluster_keys"]] == ["active"]
     assert state["slc"]
 
 
@@ -48,5 +48,5 @@ def test_cluster_info_never_changes(ansible, sqlite_cluster):
         assert not found.changed
         assert found.result["exists"] is True
         assert found.result["cluster"]["active_key_id"] == before["cluster"]["active_key_id"]
-        assert [k["status"] for k in found.result["keys"]] == ["active"]
+        assert [k["status"] for k in found.result["cluster_keys"]] == ["active"]
     assert observe_cluster(sqlite_cluster)() == before

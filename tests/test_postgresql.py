@@ -27,7 +27,7 @@ def observe(cluster):
 def test_cluster_and_server_four_runs(ansible, pg_cluster, tmp_path):
     assert observe(pg_cluster)()["exists"] is False
     state = four_runs(ansible, "rmsops.rms.cluster", pg_cluster, observe(pg_cluster))["state"]
-    assert [k["status"] for k in state["keys"]] == ["active"]
+    assert [k["status"] for k in state["cluster_keys"]] == ["active"]
 
     server = dict(server_params(pg_cluster, tmp_path), database_password=pg_cluster["database_password"])
     four_runs(ansible, "rmsops.rms.server", server,

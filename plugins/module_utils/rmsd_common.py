@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import traceback
 
-from ansible.module_utils.basic import env_fallback, missing_required_lib
+from ansible.module_utils.basic import AnsibleModule, env_fallback, missing_required_lib
 
 try:
     import rmsd.admin as rmsd_admin
@@ -45,10 +45,6 @@ def require_rmsd(module):
         module.fail_json(msg=missing_required_lib("rmsd", reason=RMSD_HINT), exception=RMSD_IMPORT_ERROR)
 
 
-def database_options(module):
-    return dict(database_url=module.params["database_url"], database_password=module.params["database_password"])
-
-
 def call_admin(module, function, /, **kwargs):
     """Run rmsd.admin.<function>(**kwargs); rmsd's refusals become fail_json with rmsd's message, which
     says how to proceed and that nothing was changed."""
@@ -62,3 +58,19 @@ def call_admin(module, function, /, **kwargs):
 def result_to_module(result):
     """changed and diff of an rmsd admin Result (the diff holds metadata only, never secrets)."""
     return dict(changed=bool(result.changed), diff=result.diff)
+
+
+def rmsd_module(argument_spec, **kwargs):
+    """An AnsibleModule with the database options added, check mode supported and rmsd importable."""
+    spec = dict(argument_spec)
+    spec.update(database_argument_spec())
+    module = AnsibleModule(argument_spec=spec, supports_check_mode=True, **kwargs)
+    require_rmsd(module)
+    return module
+
+
+def run_ensure(module, function, *facts):
+    """Call rmsd.admin.<function> with the module's parameters (their names are the function's keyword
+    arguments) and exit with changed, the metadata-only diff and the named facts."""
+    result = call_admin(module, function, check_mode=module.check_mode, **module.params)
+    module.exit_json(**dict((fact, result.facts.get(fact, {})) for fact in facts), **result_to_module(result))

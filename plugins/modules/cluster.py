@@ -8,15 +8,21 @@ from __future__ import annotations
 
 DOCUMENTATION = r"""
 module: cluster
-short_description: Provision or remove an RMS cluster
+short_description: Provision, decommission or remove an RMS root or licensing cluster
 version_added: 0.1.0
 description:
   - Makes sure an RMS cluster exists in its configuration database, or does not.
   - Provisioning a root cluster creates the configuration database schema, the first active cluster key and the
     server licensor certificate (SLC) in one transaction; a failed or interrupted run leaves nothing half-made and
     a rerun converges.
-  - On an existing cluster only the URLs can change. Role, key protection and key size are refused with a message
-    saying how to proceed.
+  - Provisioning a licensing cluster generates its own key in its own configuration database and enrolls it with
+    the root cluster at O(enrollment_url), which issues the licensing cluster's SLC. A standalone licensing server
+    is a licensing cluster of one.
+  - On every run a licensing cluster checks that its SLC chains to the root cluster's active key; when the root
+    cluster has a new key, the licensing cluster re-enrolls its own, unchanged key (this needs a fresh
+    O(enrollment_credential)).
+  - On an existing cluster only the URLs and the state can change. Role, key protection and key size are refused
+    with a message saying how to proceed.
   - The module is a thin layer over C(rmsd.admin.ensure_cluster); run it where rmsd is importable.
 extends_documentation_fragment:
   - rmsops.rms.database
@@ -36,9 +42,13 @@ options:
     required: true
   role:
     description:
-      - Role of the cluster. A root cluster certifies users (RACs), publishes and licenses content.
+      - Role of the cluster. A root cluster certifies users (RACs), publishes and licenses content, and enrolls
+        licensing clusters.
+      - A licensing cluster publishes and licenses content only; users get their RACs from the root cluster.
+        Every deployment has one root cluster; each cluster has its own configuration database, so a second
+        root cluster in the same database is refused.
     type: str
-    choices: [root]
+    choices: [root, licensing]
     default: root
   key_protection:
     description:
@@ -66,25 +76,47 @@ options:
     type: str
   extranet_url:
     description:
-      - URL clients outside the organization reach the cluster at, if any.
+      - URL clients outside the organization reach the cluster at, if any. Published with the cluster's SLC
+        (C(GET /slc)).
     type: str
+  enrollment_url:
+    description:
+      - With O(role=licensing), URL of the root cluster (its load balancer) to enroll with. Required for
+        O(role=licensing).
+    type: str
+  enrollment_credential:
+    description:
+      - With O(role=licensing), the secret of an enrollment credential the root cluster holds for this cluster
+        (see M(rmsops.rms.enrollment_credential)). Needed only when the cluster must enroll, that is when it is
+        provisioned or the root cluster's key changed.
+    type: str
+  enrollment_ca_path:
+    description:
+      - CA bundle to verify an https O(enrollment_url) with; the system CAs when omitted.
+    type: path
   state:
     description:
       - V(present) provisions the cluster if it does not exist and updates its URLs.
+      - V(decommissioned) makes the cluster stop issuing RACs and publishing licenses and stop enrolling
+        licensing clusters; it keeps issuing use licenses, so content it protects can still be recovered.
+        This is one-way; going back to V(present) needs O(force=true).
       - V(absent) removes the cluster and its keys. Refused while content is protected by its keys unless
         O(force=true).
     type: str
-    choices: [present, absent]
+    choices: [present, decommissioned, absent]
     default: present
   force:
     description:
       - With O(state=absent), remove the cluster even though content published under its keys exists. That content
         can then no longer be opened; export a trusted publishing domain first.
+      - With O(state=present), bring a decommissioned cluster back into service.
     type: bool
     default: false
 seealso:
   - module: rmsops.rms.server
   - module: rmsops.rms.cluster_info
+  - module: rmsops.rms.enrollment_credential
+  - module: rmsops.rms.rights_template
 author:
   - rmsops.rms maintainers (@rmsops)
 """
@@ -108,6 +140,29 @@ EXAMPLES = r"""
     key_password: "{{ vault_rms_key_password }}"
     intranet_url: https://rms.corp.example.com
     extranet_url: https://rms.example.com
+
+- name: Provision a licensing cluster and enroll it with the root cluster
+  rmsops.rms.cluster:
+    name: finance
+    role: licensing
+    database_url: postgresql://rms@db.corp.example.com:5432/rms_finance
+    database_password: "{{ vault_rms_finance_database_password }}"
+    key_password: "{{ vault_rms_finance_key_password }}"
+    intranet_url: https://rms-finance.corp.example.com
+    enrollment_url: https://rms.corp.example.com
+    enrollment_credential: "{{ finance_enrollment_secret }}"
+    enrollment_ca_path: /etc/ssl/certs/corp-ca.pem
+
+- name: Decommission a licensing cluster; it keeps issuing use licenses for its content
+  rmsops.rms.cluster:
+    name: finance
+    role: licensing
+    database_url: postgresql://rms@db.corp.example.com:5432/rms_finance
+    database_password: "{{ vault_rms_finance_database_password }}"
+    key_password: "{{ vault_rms_finance_key_password }}"
+    intranet_url: https://rms-finance.corp.example.com
+    enrollment_url: https://rms.corp.example.com
+    state: decommissioned
 
 - name: Remove a cluster that protects no content
   rmsops.rms.cluster:
@@ -159,46 +214,39 @@ cluster:
     slc_not_after:
       description: Expiry of the cluster's current SLC (ISO 8601).
       type: str
+    slc_issuer_key_id:
+      description:
+        - Identifier of the key that issued the current SLC. For a root cluster its own key; for a licensing
+          cluster the root cluster key it is enrolled under.
+      type: str
 """
 
-from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.rmsops.rms.plugins.module_utils.rmsd_common import (
-    call_admin,
-    database_argument_spec,
-    database_options,
-    require_rmsd,
-    result_to_module,
-)
+from ansible_collections.rmsops.rms.plugins.module_utils.rmsd_common import rmsd_module, run_ensure
 
 
 def main():
-    argument_spec = dict(
-        name=dict(type="str", required=True),
-        role=dict(type="str", choices=["root"], default="root"),
-        key_protection=dict(type="str", choices=["password"], default="password"),
-        key_password=dict(type="str", no_log=True),
-        key_size=dict(type="int", choices=[2048, 3072, 4096], default=2048),
-        intranet_url=dict(type="str"),
-        extranet_url=dict(type="str"),
-        state=dict(type="str", choices=["present", "absent"], default="present"),
-        force=dict(type="bool", default=False),
+    module = rmsd_module(
+        dict(
+            name=dict(type="str", required=True),
+            role=dict(type="str", choices=["root", "licensing"], default="root"),
+            key_protection=dict(type="str", choices=["password"], default="password"),
+            key_password=dict(type="str", no_log=True),
+            key_size=dict(type="int", choices=[2048, 3072, 4096], default=2048),
+            intranet_url=dict(type="str"),
+            extranet_url=dict(type="str"),
+            enrollment_url=dict(type="str"),
+            enrollment_credential=dict(type="str", no_log=True),
+            enrollment_ca_path=dict(type="path"),
+            state=dict(type="str", choices=["present", "decommissioned", "absent"], default="present"),
+            force=dict(type="bool", default=False),
+        ),
+        required_if=[
+            ("state", "present", ("key_password", "intranet_url")),
+            ("state", "decommissioned", ("key_password", "intranet_url")),
+            ("role", "licensing", ("enrollment_url",)),
+        ],
     )
-    argument_spec.update(database_argument_spec())
-    module = AnsibleModule(
-        argument_spec=argument_spec,
-        required_if=[("state", "present", ("key_password", "intranet_url"))],
-        supports_check_mode=True,
-    )
-    require_rmsd(module)
-    p = module.params
-    result = call_admin(
-        module, "ensure_cluster",
-        name=p["name"], role=p["role"], key_protection=p["key_protection"], key_password=p["key_password"],
-        key_size=p["key_size"], intranet_url=p["intranet_url"], extranet_url=p["extranet_url"],
-        state=p["state"], force=p["force"], check_mode=module.check_mode,
-        **database_options(module)
-    )
-    module.exit_json(cluster=result.facts.get("cluster", {}), **result_to_module(result))
+    run_ensure(module, "ensure_cluster", "cluster")
 
 
 if __name__ == "__main__":

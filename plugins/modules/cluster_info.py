@@ -12,7 +12,8 @@ short_description: Read the state of an RMS cluster
 version_added: 0.1.0
 description:
   - Reads a cluster from its configuration database, with its member servers and their heartbeats, its keys, its
-    current server licensor certificate (SLC) and how much content each key protects.
+    current server licensor certificate (SLC) and how much content each key protects, its rights policy templates
+    and, on a root cluster, its enrollment credentials and the licensing clusters it enrolled.
   - Never changes anything. Key material is never returned.
   - The module is a thin layer over C(rmsd.admin.cluster_info); run it where rmsd is importable.
 extends_documentation_fragment:
@@ -49,7 +50,7 @@ EXAMPLES = r"""
 
 - name: Show the keys and how much content each protects
   ansible.builtin.debug:
-    msg: "{{ corp['keys'] | map(attribute='status') }} {{ corp.content_per_key }}"
+    msg: "{{ corp.cluster_keys | map(attribute='status') }} {{ corp.content_per_key }}"
 """
 
 RETURN = r"""
@@ -99,7 +100,7 @@ nodes:
     status:
       description: V(up) if the service sent heartbeats recently, else V(down).
       type: str
-keys:
+cluster_keys:
   description: The cluster's keys, oldest first; metadata only.
   returned: always
   type: list
@@ -140,6 +141,12 @@ slc:
     issuer:
       description: Issuer (RFC 4514).
       type: str
+    key_id:
+      description: Identifier of the certified key.
+      type: str
+    issuer_key_id:
+      description: Identifier of the key that issued it (for a licensing cluster, the root cluster key).
+      type: str
     serial:
       description: Serial number.
       type: str
@@ -156,23 +163,77 @@ content_per_key:
   description: Number of content items published under each key, by key identifier.
   returned: always
   type: dict
+root_slc:
+  description:
+    - For a licensing cluster, the root cluster's SLC its own SLC chains to (same fields as RV(slc) but
+      RV(slc.issuer_key_id)); empty for a root cluster.
+  returned: always
+  type: dict
+rights_templates:
+  description: The cluster's rights policy templates.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    name:
+      description: Name of the template.
+      type: str
+    description:
+      description: What the template is for.
+      type: str
+    rights:
+      description: Principal (user or C(group:NAME)) to rights.
+      type: dict
+enrollment_credentials:
+  description: On a root cluster, the enrollment credentials it holds; metadata only, never the secret or its hash.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    scope:
+      description: The licensing cluster the credential may enroll.
+      type: str
+    expires_at:
+      description: End of validity (ISO 8601).
+      type: str
+    expired:
+      description: Whether it has expired.
+      type: bool
+    last_used_at:
+      description: Last successful enrollment with it (ISO 8601), or null.
+      type: str
+enrollments:
+  description: On a root cluster, the SLCs it issued to licensing clusters, oldest first.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    licensing_cluster:
+      description: Name of the licensing cluster.
+      type: str
+    key_id:
+      description: The licensing cluster's key.
+      type: str
+    issuer_key_id:
+      description: The root cluster key that issued the SLC.
+      type: str
+    slc_fingerprint_sha256:
+      description: SHA-256 fingerprint of the issued SLC.
+      type: str
+    not_after:
+      description: End of validity (ISO 8601).
+      type: str
+    created_at:
+      description: When it was issued (ISO 8601).
+      type: str
 """
 
-from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.rmsops.rms.plugins.module_utils.rmsd_common import (
-    call_admin,
-    database_argument_spec,
-    database_options,
-    require_rmsd,
-)
+from ansible_collections.rmsops.rms.plugins.module_utils.rmsd_common import call_admin, rmsd_module
 
 
 def main():
-    argument_spec = dict(name=dict(type="str", required=True))
-    argument_spec.update(database_argument_spec())
-    module = AnsibleModule(argument_spec=argument_spec, supports_check_mode=True)
-    require_rmsd(module)
-    info = call_admin(module, "cluster_info", name=module.params["name"], **database_options(module))
+    module = rmsd_module(dict(name=dict(type="str", required=True)))
+    info = call_admin(module, "cluster_info", **module.params)
     module.exit_json(changed=False, **info)
 
 

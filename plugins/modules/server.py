@@ -159,46 +159,27 @@ config_changed:
   type: bool
 """
 
-from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.rmsops.rms.plugins.module_utils.rmsd_common import (
-    call_admin,
-    database_argument_spec,
-    database_options,
-    require_rmsd,
-    result_to_module,
-)
+from ansible_collections.rmsops.rms.plugins.module_utils.rmsd_common import call_admin, result_to_module, rmsd_module
 
 
 def main():
-    argument_spec = dict(
-        cluster=dict(type="str", required=True),
-        name=dict(type="str", required=True),
-        listen_address=dict(type="str", default="127.0.0.1"),
-        port=dict(type="int", default=8080),
-        config_path=dict(type="path", required=True),
-        secret_path=dict(type="path", required=True),
-        key_password=dict(type="str", no_log=True),
-        identity_issuer=dict(type="str"),
-        identity_audience=dict(type="str", default="rmsd"),
-        identity_jwks_uri=dict(type="str"),
-        state=dict(type="str", choices=["present", "absent"], default="present"),
-    )
-    argument_spec.update(database_argument_spec())
-    module = AnsibleModule(
-        argument_spec=argument_spec,
+    module = rmsd_module(
+        dict(
+            cluster=dict(type="str", required=True),
+            name=dict(type="str", required=True),
+            listen_address=dict(type="str", default="127.0.0.1"),
+            port=dict(type="int", default=8080),
+            config_path=dict(type="path", required=True),
+            secret_path=dict(type="path", required=True),
+            key_password=dict(type="str", no_log=True),
+            identity_issuer=dict(type="str"),
+            identity_audience=dict(type="str", default="rmsd"),
+            identity_jwks_uri=dict(type="str"),
+            state=dict(type="str", choices=["present", "absent"], default="present"),
+        ),
         required_if=[("state", "present", ("key_password",))],
-        supports_check_mode=True,
     )
-    require_rmsd(module)
-    p = module.params
-    result = call_admin(
-        module, "ensure_server",
-        cluster=p["cluster"], name=p["name"], key_password=p["key_password"], listen_address=p["listen_address"],
-        port=p["port"], config_path=p["config_path"], secret_path=p["secret_path"],
-        identity_issuer=p["identity_issuer"], identity_audience=p["identity_audience"],
-        identity_jwks_uri=p["identity_jwks_uri"], state=p["state"], check_mode=module.check_mode,
-        **database_options(module)
-    )
+    result = call_admin(module, "ensure_server", check_mode=module.check_mode, **module.params)
     module.exit_json(
         server=result.facts.get("server", {}),
         config_changed=bool(result.facts.get("config_changed", False)),
