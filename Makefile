@@ -68,7 +68,7 @@ test: venv collection
 # ansible-lint --offline: lint the working tree through the collection symlink
 # instead of a built copy (and never reach for Ansible Galaxy).
 lint: venv collection
-	$(BIN)/ruff check rmsd plugins tests scripts
+	$(BIN)/ruff check rmsd plugins tests scripts benchmarks
 	$(BIN)/ansible-lint --offline --profile production
 
 sanity: venv

@@ -11,9 +11,9 @@ python_version=${SANITY_PYTHON:-3.11}
 dest=$repo/build/sanity/ansible_collections/rmsops/rms
 
 # Not collection content: rmsd/ is node software with its own ruff and pytest;
-# tests/ (except tests/sanity/, ansible-test's own) and scripts/ are this
+# tests/ (except tests/sanity/, ansible-test's own), scripts/ and benchmarks/ are this
 # repository's pytest suite and tooling.
-exclude='^(rmsd/|tests/(?!sanity/)|scripts/|\.ci/|Makefile$|constraints\.txt$)'
+exclude='^(rmsd/|tests/(?!sanity/)|scripts/|benchmarks/|\.ci/|Makefile$|constraints\.txt$)'
 
 rm -rf "$dest"
 mkdir -p "$dest"
