@@ -13,9 +13,10 @@ import tomllib
 import uuid
 
 import pytest
+from alembic.command import downgrade
 from conftest import KEY_PASSWORD, RMSD, cluster_key, provision
 
-from rmsd import admin, clusters
+from rmsd import admin, clusters, db
 from rmsd.errors import RmsdError
 from rmsd.schema import utcnow
 
@@ -344,3 +345,21 @@ def test_cluster_info_command_takes_the_password_from_the_environment(database):
     assert info["exists"] is True and info["cluster"]["name"] == "c1"
     for secret in (KEY_PASSWORD, "PRIVATE", database.password or KEY_PASSWORD):
         assert secret not in proc.stdout + proc.stderr
+
+
+def test_cluster_on_an_older_schema_is_read_and_upgraded(database):
+    provision(database)
+    engine = database.engine()
+    with engine.begin() as conn:
+        downgrade(db._alembic_config(conn), "0001")
+    engine.dispose()
+    assert database.count("rights_templates") == 0 and "enrollments" not in database.dump()
+    info = admin.cluster_info(name="c1", **database.admin_args())
+    assert info["exists"] and info["rights_templates"] == [] and info["enrollments"] == []
+    check = admin.ensure_enrollment_credential(cluster="c1", scope="dept", secret="s" * 24, check_mode=True,
+                                               **database.admin_args())
+    assert check.changed and "enrollments" not in database.dump()
+    upgraded = provision(database)
+    assert upgraded.changed and upgraded.diff["after"] == {"schema_revision": db.HEAD_REVISION}
+    assert "enrollments" in database.dump()
+    assert not provision(database).changed

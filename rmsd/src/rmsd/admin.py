@@ -231,7 +231,8 @@ def _update_cluster(engine, database_url, current, wanted, key_password, enrollm
             "force=true to let it issue certificates and publishing licenses again. Nothing was changed."
         )
     changes = {k: wanted[k] for k in ("state", "intranet_url", "extranet_url") if current[k] != wanted[k]}
-    if current.pop("schema_revision") != db.HEAD_REVISION:
+    revision = current.pop("schema_revision")
+    if revision != db.HEAD_REVISION:
         changes["schema_revision"] = db.HEAD_REVISION  # _writing migrates
     root = None
     if current["role"] == "licensing":
@@ -241,7 +242,8 @@ def _update_cluster(engine, database_url, current, wanted, key_password, enrollm
             changes["slc_issuer_key_id"] = root.key_id
     if not changes:
         return Result(changed=False, facts={"cluster": current})
-    before = {k: current[k] for k in changes}
+    before = dict(current, schema_revision=revision)
+    before = {k: before[k] for k in changes}
     after = dict(current, **changes)
     if not check_mode:
         with engine.connect() as conn:
@@ -315,7 +317,8 @@ def ensure_enrollment_credential(
                 raise RmsdError(f"cluster {cluster!r} is a {row.role} cluster; enrollment credentials live on the root")
             if scope == cluster:
                 raise RmsdError("scope names the licensing cluster that may enroll, not the root cluster itself")
-            cred = clusters.credential_row(conn, row.id, scope)
+            # An older schema has no credentials yet; the write migrates it.
+            cred = clusters.credential_row(conn, row.id, scope) if db.schema_current(conn) else None
             if cred is None:
                 return {}
             return {
@@ -376,7 +379,7 @@ def ensure_rights_template(
             row = clusters.get_cluster(conn, cluster)
             if row is None:
                 return None
-            template = clusters.template_row(conn, row.id, name)
+            template = clusters.template_row(conn, row.id, name) if db.schema_current(conn) else None
             return {} if template is None else _template_view(template)
 
         found = _read(engine, database_url, current)
@@ -574,6 +577,7 @@ def _info(conn, name) -> dict | None:
         }
         for k in clusters.keys_of(conn, row.id)
     ]
+    current = db.schema_current(conn)  # tables of newer revisions are empty until the schema is upgraded
     root_slc = {}
     if row.role == "licensing":
         root_row = clusters.root_slc_row(conn, row.id, slc_row.issuer_key_id)
@@ -586,14 +590,14 @@ def _info(conn, name) -> dict | None:
         "slc": dict(_cert_view(slc, slc_row), issuer_key_id=slc_row.issuer_key_id),
         "root_slc": root_slc,
         "content_per_key": clusters.content_counts(conn, row.id),
-        "rights_templates": [_template_view(t) for t in clusters.templates_of(conn, row.id)],
+        "rights_templates": [_template_view(t) for t in clusters.templates_of(conn, row.id)] if current else [],
         # Metadata only: the secret's hash never leaves the database.
         "enrollment_credentials": [
             {
                 "scope": c.scope, "expires_at": c.expires_at.isoformat(), "expired": c.expires_at <= now,
                 "last_used_at": c.last_used_at.isoformat() if c.last_used_at else None,
             }
-            for c in clusters.credentials_of(conn, row.id)
+            for c in (clusters.credentials_of(conn, row.id) if current else [])
         ],
         "enrollments": [
             {
@@ -601,7 +605,7 @@ def _info(conn, name) -> dict | None:
                 "slc_fingerprint_sha256": e.fingerprint_sha256, "not_after": e.not_after.isoformat(),
                 "created_at": e.created_at.isoformat(),
             }
-            for e in clusters.enrollments_of(conn, row.id)
+            for e in (clusters.enrollments_of(conn, row.id) if current else [])
         ],
     }
 
