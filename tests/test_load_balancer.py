@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Self
@@ -80,6 +81,18 @@ def ask(sock: Path, command: str) -> str:
         while chunk := s.recv(65536):
             data += chunk
     return data.decode()
+
+
+def tls_handshake(address: str, port: int, version: ssl.TLSVersion) -> str:
+    """Handshake with exactly this TLS version, which the client side allows whatever its defaults."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.1 is deprecated: that is the point
+        context.minimum_version = context.maximum_version = version
+    with socket.create_connection((address, port), timeout=5) as raw, context.wrap_socket(raw) as tls:
+        return tls.version()
 
 
 def recap(output: str) -> dict[str, dict[str, int]]:
@@ -323,9 +336,12 @@ def test_https_round_trip_to_both_members(deployment):
             assert response.json()["cluster"] == "rmslb"
             nodes.add(response.json()["node"])
     assert nodes == {"node1", "node2"}
-    # The frontend speaks only TLS.
+    # The frontend speaks only TLS, 1.2 or newer.
     with pytest.raises(httpx.HTTPError):
         httpx.get(dep.url("lb1").replace("https://", "http://"), timeout=5)
+    assert tls_handshake(BALANCERS["lb1"], dep.lb_ports["lb1"], ssl.TLSVersion.TLSv1_2) == "TLSv1.2"
+    with pytest.raises(ssl.SSLError, match="PROTOCOL_VERSION"):
+        tls_handshake(BALANCERS["lb1"], dep.lb_ports["lb1"], ssl.TLSVersion.TLSv1_1)
 
     lb_dir = dep.lb_dir("lb1")
     assert oct(lb_dir.stat().st_mode & 0o777) == "0o750"
@@ -374,6 +390,9 @@ def test_added_member_reloads_without_failed_request(deployment):
     """A second instance on the same machine: it starts beside lb1, then a member joins its group."""
     dep = deployment
     lb1_before = dep.master("lb1")
+    output, counts = dep.balance("--limit", "lb2", "--check")
+    assert counts["lb2"]["changed"] > 0, output
+    assert not dep.lb_dir("lb2").exists(), "check mode created the instance"
     output, counts = dep.balance("--limit", "lb2")
     assert counts["lb2"]["changed"] > 0, output
     dep.wait_status("lb2", "node1", "UP")
