@@ -105,11 +105,12 @@ def main() -> int:
     ttl = int(args.max_seconds) + 120
     user = User.new("load@example.com", token(args.issuer_dir, "load@example.com", ["load"], ttl=ttl))
     rms.certify(user)
-    key, _ = encrypt_content(b"load test document")
+    key = encrypt_content(b"load test document")[0]
     pl = rms.publish(user, f"doc-load-{os.getpid()}-{int(time.time())}", key, {"group:load": ["VIEW"]})["pl"]
 
     load, stop = Load(args.url, args.ca), threading.Event()
-    workers = [threading.Thread(target=load.work, args=(stop, user, pl), daemon=True) for _ in range(args.threads)]
+    workers = [threading.Thread(target=load.work, args=(stop, user, pl), daemon=True)
+               for _thread in range(args.threads)]
     for worker in workers:
         worker.start()
     deadline = time.monotonic() + args.max_seconds
