@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import http.server
 import ipaddress
 import json
 import os
@@ -183,13 +184,14 @@ class Deployment:
                      "root_cluster_key_password": self.key_password,
                      "root_cluster_intranet_url": self.url("lb1").removesuffix("/health")}}]}], *args)
 
-    def member_state(self, member: str, states: list[str], *args: str, expect_rc: int = 0) -> tuple[str, dict]:
-        """member_state, once per state, run from node2's play and delegated to lb1."""
+    def member_state(self, member: str, states: list[str], *args: str, lb: str = "lb1", expect_rc: int = 0,
+                     extra: dict | None = None) -> tuple[str, dict]:
+        """member_state, once per state, run from node2's play and delegated to the balancer."""
         return self.play([{"name": "Member state", "hosts": "node2", "gather_facts": False, "tasks": [{
             "name": f"Set the state to {state}", "ansible.builtin.include_role": {
                 "name": "rmsops.rms.load_balancer", "tasks_from": "member_state"},
-            "vars": {"load_balancer_host": "lb1", "load_balancer_member": member,
-                     "load_balancer_member_state": state}} for state in states]}], *args, expect_rc=expect_rc)
+            "vars": {"load_balancer_host": lb, "load_balancer_member": member, "load_balancer_member_state": state,
+                     **(extra or {})}} for state in states]}], *args, expect_rc=expect_rc)
 
     # --- HAProxy and nodes -----------------------------------------------------------------
     def servers(self, lb: str) -> dict[str, dict]:
@@ -411,6 +413,61 @@ def test_added_member_reloads_without_failed_request(deployment):
     assert dep.master("lb2") == (pid, reloads + 1), "not reloaded by the same master"
     assert traffic.answered_by["node3"] > 0
     assert dep.master("lb1") == lb1_before, "the other instance on the machine was touched"
+
+
+class SlowMember(http.server.BaseHTTPRequestHandler):
+    """A member whose GET /slow answers after SLOW_SECONDS, so a drain has a session to wait for."""
+
+    def do_GET(self):
+        if self.path == "/slow":
+            time.sleep(SLOW_SECONDS)
+        body = json.dumps({"status": "ok", "node": "slow"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            self.wfile.write(body)
+        except ConnectionError:
+            pass  # HAProxy's health check hangs up once it has read the status
+
+    def log_message(self, *args):
+        pass
+
+
+SLOW_SECONDS = 5
+
+
+def test_drain_waits_for_the_last_session(deployment):
+    """lb2 in front of a member holding a long request: drain gives up after its timeout, then waits it out."""
+    dep = deployment
+    server = http.server.ThreadingHTTPServer(("127.0.2.9", 0), SlowMember)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        dep.balance("--limit", "lb2", extra={"load_balancer_members": [
+            {"name": "slow", "address": "127.0.2.9", "port": server.server_address[1]}]})
+        dep.wait_status("lb2", "slow", "UP")
+        answers = []
+        context = ssl.create_default_context(cafile=str(dep.ca))
+        request = threading.Thread(target=lambda: answers.append(
+            httpx.get(dep.url("lb2").replace("/health", "/slow"), verify=context, timeout=30).status_code))
+        started = time.monotonic()
+        request.start()
+        while dep.servers("lb2")["slow"]["sessions"] != 1:
+            assert time.monotonic() - started < 2, "the slow request never reached the member"
+            time.sleep(0.05)
+
+        output, _ = dep.member_state("slow", ["drain"], lb="lb2", expect_rc=2,
+                                     extra={"load_balancer_drain_timeout": 1})
+        assert "rmsd_nodes/slow still has 1 sessions after 1s" in output, output
+        assert answers == [], "the drain did not wait"
+        output, _ = dep.member_state("slow", ["drain"], lb="lb2")
+        assert answers == [200], "the drain returned before the member's last request ended"
+        assert time.monotonic() - started >= SLOW_SECONDS
+        assert dep.servers("lb2")["slow"]["sessions"] == 0
+        request.join()
+    finally:
+        server.shutdown()
 
 
 def test_drain_from_the_members_play(deployment):
