@@ -38,10 +38,11 @@ help:
 
 venv: $(VENV_STAMP)
 
-$(VENV_STAMP): constraints.txt rmsd/pyproject.toml
+# The Makefile too: the package list below lives here.
+$(VENV_STAMP): constraints.txt rmsd/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c constraints.txt \
-		-e 'rmsd[test]' ansible-core molecule ansible-lint ruff jwcrypto schemathesis pytest
+		-e 'rmsd[test]' ansible-core molecule ansible-lint ruff jwcrypto schemathesis pytest supervisor
 	touch $@
 
 collection: $(COLLECTION_LINK)

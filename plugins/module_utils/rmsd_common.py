@@ -73,4 +73,4 @@ def run_ensure(module, function, *facts):
     """Call rmsd.admin.<function> with the module's parameters (their names are the function's keyword
     arguments) and exit with changed, the metadata-only diff and the named facts."""
     result = call_admin(module, function, check_mode=module.check_mode, **module.params)
-    module.exit_json(**dict((fact, result.facts.get(fact, {})) for fact in facts), **result_to_module(result))
+    module.exit_json(**{fact: result.facts.get(fact, {}) for fact in facts}, **result_to_module(result))

@@ -159,7 +159,11 @@ config_changed:
   type: bool
 """
 
-from ansible_collections.rmsops.rms.plugins.module_utils.rmsd_common import call_admin, result_to_module, rmsd_module
+from ansible_collections.rmsops.rms.plugins.module_utils.rmsd_common import (
+    call_admin,
+    result_to_module,
+    rmsd_module,
+)
 
 
 def main():
