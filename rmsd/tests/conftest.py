@@ -196,9 +196,9 @@ def stop_node(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def _running_node(base: Path, database: Database):
+def _running_node(base: Path, database: Database, issuer_dir: Path | None = None):
     provision(database)
-    issuer_dir = make_issuer(base / "issuer")
+    issuer_dir = issuer_dir or make_issuer(base / "issuer")
     _result, config_path, secret_path = configure_node(database, base, issuer_dir)
     url, process = start_node(config_path, base / "serve.log")
     try:
@@ -223,3 +223,14 @@ def pg_node(tmp_path_factory, pg) -> Node:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def any_node(request) -> Node:
     return request.getfixturevalue("node" if request.param == "sqlite" else "pg_node")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The kill points of the crash tests and what the rerun found (recorded with record_property,
+    which pytest-xdist carries back from its workers)."""
+    lines = [value for report in terminalreporter.stats.get("passed", [])
+             for name, value in getattr(report, "user_properties", []) if name == "kill_point"]
+    if lines:
+        terminalreporter.section("crash injection: a rotation killed at each step, then rerun")
+        for line in sorted(lines):
+            terminalreporter.write_line(line)

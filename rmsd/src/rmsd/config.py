@@ -35,7 +35,13 @@ class NodeConfig:
 @dataclass(frozen=True)
 class Secrets:
     key_password: str | None = None
+    # While the cluster key password changes: the one the keys may still be encrypted with.
+    previous_key_password: str | None = None
     database_password: str | None = None
+
+    @property
+    def key_passwords(self) -> list[str]:
+        return [p for p in (self.key_password, self.previous_key_password) if p]
 
     def render(self) -> str:
         return tomli_w.dumps({k: v for k, v in asdict(self).items() if v is not None})

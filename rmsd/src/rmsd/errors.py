@@ -19,3 +19,7 @@ class NotFoundError(RmsdError):
 
 class InvalidRequestError(RmsdError):
     """The request is malformed."""
+
+
+class RevokedError(RmsdError):
+    """What was asked for is protected by a key that was revoked as compromised."""

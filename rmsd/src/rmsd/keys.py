@@ -46,6 +46,15 @@ class ClusterKey(ABC):
     def sign(self, data: bytes) -> bytes:
         """RSASSA-PKCS1-v1_5 with SHA-256 over `data`."""
 
+    def export_pkcs8(self, password: str) -> bytes:
+        """The private key as PKCS#8 encrypted with `password` (scrypt + AES-256), for a trusted
+        publishing domain. Keys that never leave their store (an HSM) raise KeyNotExportable."""
+        raise KeyNotExportable(f"cluster key {self.key_id} cannot leave its key store")
+
+
+class KeyNotExportable(RmsdError):
+    """The private key cannot be read out of where it is kept."""
+
 
 @dataclass
 class NewKey:
@@ -72,6 +81,10 @@ class KeyProvider(ABC):
     def load(self, row) -> ClusterKey:
         """Open the stored key `row` (a cluster_keys row); RmsdError when the secret does not open it."""
 
+    @abstractmethod
+    def adopt(self, private_key: rsa.RSAPrivateKey) -> NewKey:
+        """Store a private key brought in from elsewhere (a trusted publishing domain) this provider's way."""
+
 
 class SoftwareKey(ClusterKey):
     wrap_alg = "RSA-OAEP-256"
@@ -93,6 +106,9 @@ class SoftwareKey(ClusterKey):
     def sign(self, data):
         return self._private_key.sign(data, padding.PKCS1v15(), hashes.SHA256())
 
+    def export_pkcs8(self, password):
+        return pkcs8.encrypt(self._private_key, password)
+
 
 class PasswordKeyProvider(KeyProvider):
     """"Centrally managed" key: PKCS#8 encrypted with the cluster key password (scrypt + AES-256),
@@ -108,17 +124,24 @@ class PasswordKeyProvider(KeyProvider):
     def generate(self, size):
         if size not in KEY_SIZES:
             raise RmsdError(f"key_size must be one of {', '.join(map(str, KEY_SIZES))}, not {size}")
-        private_key = rsa.generate_private_key(public_exponent=65537, key_size=size)
+        return self.adopt(rsa.generate_private_key(public_exponent=65537, key_size=size))
+
+    def adopt(self, private_key):
         loaded = SoftwareKey(private_key)
         return NewKey(
             key_id=loaded.key_id,
-            size=size,
+            size=private_key.key_size,
             public_key_pem=public_pem(loaded.public_key),
             wrap_alg=SoftwareKey.wrap_alg,
             sign_alg=SoftwareKey.sign_alg,
             encrypted_private_key=pkcs8.encrypt(private_key, self._password),
             loaded=loaded,
         )
+
+    def reencrypt(self, row, previous: "PasswordKeyProvider") -> bytes:
+        """The stored key `row`, opened with the `previous` provider's password, encrypted with this
+        provider's (a cluster key password change)."""
+        return previous.load(row).export_pkcs8(self._password)
 
     def load(self, row):
         try:

@@ -59,6 +59,8 @@ cluster_keys = sa.Table(
     sa.Column("sign_alg", sa.String(16), nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
     sa.Column("status_changed_at", UTCDateTime, nullable=False),
+    # The cluster whose trusted publishing domain brought this key in; NULL: generated here.
+    sa.Column("imported_from", sa.String(64)),
 )
 
 certificates = sa.Table(
@@ -75,6 +77,8 @@ certificates = sa.Table(
     sa.Column("not_before", UTCDateTime, nullable=False),
     sa.Column("not_after", UTCDateTime, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
+    # kind=root: set when the root cluster revoked this root key as compromised; no longer trusted.
+    sa.Column("revoked_at", UTCDateTime),
 )
 
 servers = sa.Table(
@@ -100,6 +104,10 @@ content = sa.Table(
     sa.Column("key_id", sa.String(40), nullable=False),
     sa.Column("rights", sa.JSON, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
+    # Republishing: the new publishing license replaces the old one (same content, new key).
+    sa.Column("supersedes", sa.String(40)),
+    sa.Column("superseded_by", sa.String(40)),
+    sa.Column("superseded_at", UTCDateTime),
     sa.Index("ix_content_key", "key_id"),
     sa.Index("ix_content_owner", "owner"),
 )
@@ -156,4 +164,21 @@ enrollments = sa.Table(
     sa.Column("fingerprint_sha256", sa.String(64), nullable=False),
     sa.Column("not_after", UTCDateTime, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
+    # Set when the licensing cluster revoked this key as compromised: it is never certified again.
+    sa.Column("revoked_at", UTCDateTime),
+)
+
+# Content owners told that content of theirs is protected by a compromised key: once per owner
+# and key, so a rerun sends nothing twice.
+owner_notices = sa.Table(
+    "owner_notices",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("cluster_id", sa.Integer, sa.ForeignKey("clusters.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("owner", sa.String(256), nullable=False),
+    sa.Column("key_id", sa.String(40), nullable=False),
+    sa.Column("items", sa.Integer, nullable=False),  # content items pending when the notice went out
+    sa.Column("channel", sa.String(16), nullable=False),  # smtp | outbox
+    sa.Column("sent_at", UTCDateTime, nullable=False),
+    sa.UniqueConstraint("cluster_id", "owner", "key_id"),
 )
