@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 import sqlalchemy as sa
 
-from rmsd import clusters, db, licenses, pki
+from rmsd import clusters, compromise, db, failpoints, licenses, pki, rotation, tpd
 from rmsd import enrollment as enrollment_lib
 from rmsd.config import NodeConfig, Secrets, read_text_or_none, write_atomic
 from rmsd.errors import RmsdError
@@ -31,6 +31,7 @@ class Result:
     changed: bool
     diff: dict = field(default_factory=lambda: {"before": {}, "after": {}})
     facts: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 def _check_name(what: str, value: str) -> None:
@@ -53,14 +54,25 @@ def _engine(database_url: str, database_password: str | None) -> sa.Engine:
 
 
 def _read(engine: sa.Engine, database_url: str, fn):
-    """Run `fn(conn)` read-only; None when the database does not exist yet or has no schema."""
+    """Run `fn(conn)` read-only; None when the database does not exist yet or has no schema. A database
+    on an older schema is read as the next write will find it: migrated, in a transaction rolled back."""
     if not db.database_exists(engine):
         return None
     try:
         with engine.connect() as conn:
             if not sa.inspect(conn).has_table("clusters"):
                 return None
-            return fn(conn)
+            revision = db.schema_revision(conn)
+            if revision == db.HEAD_REVISION:
+                return fn(conn)
+        with engine.connect() as conn:
+            transaction = conn.begin()
+            try:
+                db.migrate(conn)
+                conn.info["schema_revision_read"] = revision
+                return fn(conn)
+            finally:
+                transaction.rollback()
     except sa.exc.OperationalError as err:
         raise db.connect_error(err, database_url) from None
 
@@ -84,12 +96,18 @@ def _cluster_view(conn, row) -> dict:
     }
 
 
-def _open_active_key(conn, row, key_password: str | None):
-    """Prove the key password opens the active key (RmsdError otherwise)."""
-    provider = provider_for(row.key_protection, key_password=key_password)
+def _open_active_key(conn, row, key_password: str | None, previous_key_password: str | None = None):
+    """Prove the key password opens the active key (RmsdError otherwise). While the password changes,
+    the previous one may open it instead."""
+    key_row = clusters.active_key_row(conn, row.id)
     try:
-        return provider.load(clusters.active_key_row(conn, row.id))
+        return provider_for(row.key_protection, key_password=key_password).load(key_row)
     except RmsdError as err:
+        if previous_key_password:
+            try:
+                return provider_for(row.key_protection, key_password=previous_key_password).load(key_row)
+            except RmsdError:
+                pass
         raise RmsdError(f"{err}. Nothing was changed.") from None
 
 
@@ -107,8 +125,8 @@ def _writing(engine, database_url, name):
 
 def ensure_cluster(
     *, name, database_url, database_password=None, role="root", key_protection="password", key_password=None,
-    key_size=2048, intranet_url=None, extranet_url=None, enrollment_url=None, enrollment_credential=None,
-    enrollment_ca_path=None, state="present", force=False, check_mode=False,
+    previous_key_password=None, key_size=2048, intranet_url=None, extranet_url=None, enrollment_url=None,
+    enrollment_credential=None, enrollment_ca_path=None, state="present", force=False, check_mode=False,
 ) -> Result:
     _check_name("cluster name", name)
     if state not in STATES:
@@ -139,17 +157,18 @@ def ensure_cluster(
             "key_size": key_size,
         }
         enrollment = {"url": enrollment_url, "ca_path": enrollment_ca_path, "credential": enrollment_credential}
-        existing = _read(engine, database_url, lambda conn: _existing_cluster(conn, name, key_password))
+        passwords = (key_password, previous_key_password)
+        existing = _read(engine, database_url, lambda conn: _existing_cluster(conn, name, *passwords))
         if existing is None:
             if state == "decommissioned":
                 raise RmsdError(f"cluster {name!r} does not exist in {database_url}; there is nothing to decommission")
             return _provision(engine, database_url, wanted, provider, enrollment, check_mode)
-        return _update_cluster(engine, database_url, existing, wanted, key_password, enrollment, force, check_mode)
+        return _update_cluster(engine, database_url, existing, wanted, passwords, enrollment, force, check_mode)
     finally:
         engine.dispose()
 
 
-def _existing_cluster(conn, name, key_password):
+def _existing_cluster(conn, name, key_password, previous_key_password):
     row = clusters.get_cluster(conn, name)
     if row is None:
         other = clusters.other_cluster(conn, name)
@@ -159,8 +178,12 @@ def _existing_cluster(conn, name, key_password):
                 f"configuration database: give cluster {name!r} another database_url"
             )
         return None
-    _open_active_key(conn, row, key_password)
-    return dict(_cluster_view(conn, row), schema_revision=db.schema_revision(conn))
+    _open_active_key(conn, row, key_password, previous_key_password)
+    revision = conn.info.get("schema_revision_read", db.schema_revision(conn))
+    untrusted = clusters.untrusted_root_key_ids(conn, row.id)
+    trusted = [pki.cert_key_id(cert) for cert in clusters.trust_anchors(conn, row)] if row.role == "licensing" else []
+    return dict(_cluster_view(conn, row), schema_revision=revision, untrusted_root_key_ids=untrusted,
+                trusted_root_key_ids=trusted)
 
 
 def _provision(engine, database_url, wanted, provider, enrollment, check_mode) -> Result:
@@ -197,14 +220,14 @@ def _provision(engine, database_url, wanted, provider, enrollment, check_mode) -
     return result
 
 
-def _enroll(wanted, key, enrollment, root=None):
+def _enroll(wanted, key, enrollment, root=None, revoked_key_ids=()):
     root = root or enrollment_lib.fetch_root_slc(enrollment["url"], enrollment["ca_path"])
     if root.state != "provisioned":
         raise RmsdError(f"root cluster {root.cluster!r} is {root.state}; it enrolls no licensing clusters")
     return enrollment_lib.enroll(
         enrollment["url"], enrollment["ca_path"], cluster=wanted["name"], key=key,
         intranet_url=wanted["intranet_url"], extranet_url=wanted["extranet_url"],
-        credential=enrollment["credential"], expected_root=root,
+        credential=enrollment["credential"], expected_root=root, revoked_key_ids=revoked_key_ids,
     )
 
 
@@ -217,7 +240,7 @@ IMMUTABLE = {
 }
 
 
-def _update_cluster(engine, database_url, current, wanted, key_password, enrollment, force, check_mode) -> Result:
+def _update_cluster(engine, database_url, current, wanted, passwords, enrollment, force, check_mode) -> Result:
     name = current["name"]
     for option, how in IMMUTABLE.items():
         if current[option] != wanted[option]:
@@ -235,27 +258,38 @@ def _update_cluster(engine, database_url, current, wanted, key_password, enrollm
     if revision != db.HEAD_REVISION:
         changes["schema_revision"] = db.HEAD_REVISION  # _writing migrates
     root = None
+    untrusted, trusted = current.pop("untrusted_root_key_ids"), current.pop("trusted_root_key_ids")
     if current["role"] == "licensing":
         root = enrollment_lib.fetch_root_slc(enrollment["url"], enrollment["ca_path"])
         if current["slc_issuer_key_id"] != root.key_id:
             # The root cluster has a new key: a licensing cluster re-enrolls its own (unchanged) key.
             changes["slc_issuer_key_id"] = root.key_id
+        if set(trusted) & set(root.revoked_key_ids):
+            # The root cluster revoked keys as compromised: stop trusting their SLCs (and RACs).
+            changes["untrusted_root_key_ids"] = sorted(set(untrusted) | (set(trusted) & set(root.revoked_key_ids)))
     if not changes:
         return Result(changed=False, facts={"cluster": current})
-    before = dict(current, schema_revision=revision)
+    before = dict(current, schema_revision=revision, untrusted_root_key_ids=untrusted)
     before = {k: before[k] for k in changes}
     after = dict(current, **changes)
     if not check_mode:
-        with engine.connect() as conn:
-            key = _open_active_key(conn, clusters.get_cluster(conn, name), key_password)
-        slcs = _enroll(wanted, key, enrollment, root) if "slc_issuer_key_id" in changes else None
+        slcs = None
+        if "slc_issuer_key_id" in changes:
+            with engine.connect() as conn:
+                row = clusters.get_cluster(conn, name)
+                key = _open_active_key(conn, row, *passwords)
+                revoked = clusters.compromised_key_ids(conn, row.id)
+            slcs = _enroll(wanted, key, enrollment, root, revoked)
         with _writing(engine, database_url, name) as conn:
             row = clusters.get_cluster(conn, name)
+            now = utcnow()
             if slcs is not None:
-                clusters.save_enrollment(conn, row.id, slcs[0], slcs[1], utcnow())
-            columns = {k: v for k, v in changes.items() if k not in ("slc_issuer_key_id", "schema_revision")}
+                clusters.save_enrollment(conn, row.id, slcs[0], slcs[1], now)
+            if root is not None:
+                clusters.revoke_root_slcs(conn, row.id, root.revoked_key_ids, now)
+            columns = {k: changes[k] for k in ("state", "intranet_url", "extranet_url") if k in changes}
             if columns:
-                clusters.update_cluster(conn, row.id, utcnow(), **columns)
+                clusters.update_cluster(conn, row.id, now, **columns)
             after = _cluster_view(conn, clusters.get_cluster(conn, name))
     return Result(changed=True, diff={"before": before, "after": changes}, facts={"cluster": after})
 
@@ -282,6 +316,317 @@ def _cluster_absent(engine, database_url, name, force, check_mode) -> Result:
             if row is not None:
                 clusters.delete_cluster(conn, row.id)
     return Result(changed=True, diff={"before": view, "after": {}}, facts={"cluster": {}})
+
+
+# --- cluster keys: compromise, rollover, password -------------------------------------------------
+
+
+def ensure_cluster_key(
+    *, cluster, database_url, database_password=None, key_password=None, previous_key_password=None,
+    compromised_keys=None, max_age=None, key_size=None, reenroll=False, enrollment_url=None,
+    enrollment_credential=None, enrollment_ca_path=None, check_mode=False,
+) -> Result:
+    """The cluster's keys as desired: the keys listed in `compromised_keys` revoked (an active one is
+    replaced by a brand-new key pair and a new SLC), an active key no older than `max_age` days (else
+    it is archived and replaced), every key encrypted with `key_password` (`previous_key_password`
+    opens them while they are not yet). `reenroll` renews a licensing cluster's SLC for its active key;
+    it is refused for a compromised key. A licensing cluster enrolls a new key with the root cluster
+    at `enrollment_url` (with `enrollment_credential`)."""
+    _check_name("cluster", cluster)
+    if max_age is not None and int(max_age) < 1:
+        raise RmsdError(f"max_age is the age in days after which the active key is replaced; at least 1, not {max_age}")
+    if key_size is not None and key_size not in KEY_SIZES:
+        raise RmsdError(f"key_size must be one of {', '.join(map(str, KEY_SIZES))}, not {key_size}")
+    desired = rotation.Desired(rotation.check_key_ids(compromised_keys), None if max_age is None else int(max_age),
+                               bool(reenroll))
+    passwords = (key_password, previous_key_password)
+    engine = _engine(database_url, database_password)
+    try:
+        found = _read(engine, database_url, lambda conn: _key_state(conn, cluster, *passwords))
+        if found is None:
+            raise RmsdError(f"cluster {cluster!r} does not exist in {database_url}; provision it first")
+        row, keys, reencrypt = found
+        if reenroll and row.role != "licensing":
+            raise RmsdError("reenroll is for licensing clusters: a root cluster certifies itself. Nothing was changed.")
+        now = utcnow()
+        plan = rotation.make_plan(keys, desired, reencrypt=reencrypt, now=now)
+        warnings = [
+            f"cluster key {k.id} is compromised and stays so: a compromised key is never used again"
+            for k in keys if k.status == "compromised" and k.id not in desired.compromised_keys
+        ]
+        if not plan:
+            return Result(changed=False, facts=_key_facts(keys, now), warnings=warnings)
+        enrollment = None
+        if row.role == "licensing" and (plan.replace or plan.reenroll):
+            _check_url("enrollment_url", enrollment_url, required=True)
+            enrollment = {"url": enrollment_url, "ca_path": enrollment_ca_path, "credential": enrollment_credential}
+        diff = {
+            "before": {"keys": {k.id: k.status for k in keys}, "key_password": "(set)"},
+            "after": {"keys": plan.statuses_after(keys), "key_password": "(changed)" if plan.reencrypt else "(set)"},
+        }
+        if plan.reenroll:
+            diff["after"]["slc"] = "(renewed by the root cluster)"
+        if check_mode:
+            return Result(changed=True, diff=diff, facts=_key_facts(keys, now, plan.rotation(keys)), warnings=warnings)
+        keys, plan, rotated = _rotate(engine, database_url, row, desired, plan, passwords, key_size or row.key_size,
+                                      enrollment)
+        if not plan:  # another run did it meanwhile
+            return Result(changed=False, facts=_key_facts(keys, utcnow()), warnings=warnings)
+        diff["after"]["keys"] = {k.id: k.status for k in keys}
+        return Result(changed=True, diff=diff,
+                      facts=_key_facts(keys, utcnow(), rotated, plan.reencrypt, plan.reenroll), warnings=warnings)
+    finally:
+        engine.dispose()
+
+
+def _key_state(conn, name, key_password, previous_key_password):
+    """(cluster row, key rows, whether the password must change); RmsdError when neither password opens
+    the active key."""
+    row = clusters.get_cluster(conn, name)
+    if row is None:
+        return None
+    try:
+        _open_active_key(conn, row, key_password)
+        return row, clusters.keys_of(conn, row.id), False
+    except RmsdError:
+        if not previous_key_password:
+            raise
+    try:
+        _open_active_key(conn, row, previous_key_password)
+    except RmsdError:
+        raise RmsdError(
+            f"neither key_password nor previous_key_password opens the active key of cluster {name!r}. "
+            "Nothing was changed."
+        ) from None
+    return row, clusters.keys_of(conn, row.id), True
+
+
+def _key_facts(keys, now, rotated=None, password_changed=False, reenrolled=False) -> dict:
+    return {
+        "cluster_keys": [rotation.key_view(k, now) for k in keys],
+        "active_key_id": next(k.id for k in keys if k.status == "active"),
+        "rotation": rotated or {}, "password_changed": password_changed, "reenrolled": reenrolled,
+    }
+
+
+def _rotate(engine, database_url, row, desired, plan, passwords, key_size, enrollment):
+    """Carry `plan` out: (keys after, the plan done, the rotation facts); the plan done is empty when
+    another run did it meanwhile. The new key pair and a licensing cluster's enrollment come first,
+    outside the lock (they are slow); then one transaction under the lock, planned again there."""
+    key_password, previous_key_password = passwords
+    new_provider = provider_for(row.key_protection, key_password=key_password)
+    # What opens the stored keys until this run re-encrypts them.
+    old_provider = provider_for(row.key_protection, key_password=previous_key_password if plan.reencrypt
+                                else key_password)
+    new_key = new_provider.generate(key_size) if plan.replace else None
+    failpoints.reach("rotation.generated")
+    slcs = None
+    if enrollment is not None:
+        with engine.connect() as conn:
+            revoked = sorted(set(clusters.compromised_key_ids(conn, row.id)) | set(plan.compromise))
+            key = new_key.loaded if new_key else old_provider.load(clusters.active_key_row(conn, row.id))
+        wanted = {"name": row.name, "intranet_url": row.intranet_url, "extranet_url": row.extranet_url}
+        slcs = _enroll(wanted, key, enrollment, revoked_key_ids=revoked)
+        failpoints.reach("rotation.enrolled")
+    with _writing(engine, database_url, row.name) as conn:
+        failpoints.reach("rotation.locked")
+        keys = clusters.keys_of(conn, row.id)
+        try:
+            old_provider.load(clusters.active_key_row(conn, row.id))
+            reencrypt = plan.reencrypt
+        except RmsdError:
+            reencrypt = False  # another run changed the password meanwhile
+        plan = rotation.make_plan(keys, desired, reencrypt=reencrypt, now=utcnow())
+        if not plan:
+            return keys, plan, {}
+        if plan.replace and new_key is None:
+            raise RmsdError(f"cluster {row.name!r} changed while this run prepared; run it again. Nothing was changed.")
+        rotated = plan.rotation(keys, new_key.key_id if new_key else None)
+        rotation.apply(conn, row, keys, plan, old_provider=old_provider, new_provider=new_provider, new_key=new_key,
+                       slcs=slcs, now=utcnow())
+        keys = clusters.keys_of(conn, row.id)
+    failpoints.reach("rotation.committed")
+    return keys, plan, rotated
+
+
+# --- trusted publishing domain (backup, migration) -----------------------------------------------
+
+TPD_STATES = ("exported", "imported")
+
+
+def ensure_trusted_publishing_domain(
+    *, cluster, database_url, database_password=None, key_password=None, path, password, state="exported",
+    backup=True, check_mode=False,
+) -> Result:
+    """state=exported: `path` holds the cluster's current TPD, encrypted with `password` (0600). An
+    existing file is replaced only when what it holds differs; with `backup` it is kept aside first.
+    state=imported: the keys of the TPD at `path` are in the cluster as archived (decrypt-only) keys,
+    with its SLCs, templates and content registry; keys revoked as compromised stay revoked."""
+    _check_name("cluster", cluster)
+    if state not in TPD_STATES:
+        raise RmsdError(f"state must be one of {', '.join(TPD_STATES)}, not {state!r}")
+    if not path or not os.path.isabs(path):
+        raise RmsdError(f"path must be an absolute path, not {path!r}")
+    tpd.check_password(password)
+    engine = _engine(database_url, database_password)
+    try:
+        if state == "exported":
+            return _tpd_export(engine, database_url, cluster, key_password, Path(path), password, backup, check_mode)
+        return _tpd_import(engine, database_url, cluster, key_password, Path(path), password, check_mode)
+    finally:
+        engine.dispose()
+
+
+def _tpd_export(engine, database_url, cluster, key_password, path, password, backup, check_mode) -> Result:
+    def document(conn):
+        row = clusters.get_cluster(conn, cluster)
+        if row is None:
+            return None
+        _open_active_key(conn, row, key_password)
+        provider = provider_for(row.key_protection, key_password=key_password)
+        return tpd.build(conn, row, provider.load, password, utcnow())
+
+    wanted = _read(engine, database_url, document)
+    if wanted is None:
+        raise RmsdError(f"cluster {cluster!r} does not exist in {database_url}; there is nothing to export")
+    existing, existing_error = None, None
+    if path.exists():
+        try:
+            existing = tpd.unseal(path.read_text(), password)
+        except (RmsdError, UnicodeDecodeError) as err:
+            existing_error = str(err)
+        if existing_error and not backup:
+            raise RmsdError(
+                f"{path} exists and is not a trusted publishing domain this password opens ({existing_error}). It "
+                "may be the only copy of older keys: set backup=true to keep it aside, or move it. Nothing was changed."
+            )
+    facts = {"tpd": dict(tpd.summary(wanted), path=str(path)), "backup_file": None}
+    unchanged = existing is not None and tpd.manifest(existing) == tpd.manifest(wanted) and _mode(path) == 0o600
+    if unchanged:
+        return Result(changed=False, facts=facts)
+    before = {"path": str(path), "state": "absent"} if not path.exists() else (
+        dict(tpd.summary(existing), path=str(path)) if existing else {"path": str(path), "state": "unreadable"})
+    diff = {"before": before, "after": facts["tpd"]}
+    if not check_mode:
+        if path.exists() and backup:
+            facts["backup_file"] = _backup(path)
+        write_atomic(path, tpd.seal(wanted, password) + "\n", 0o600)
+    return Result(changed=True, diff=diff, facts=facts)
+
+
+def _backup(path: Path) -> str:
+    """Keep `path` aside as path.<UTC time>~ (0600), as Ansible's backup option does."""
+    target = path.with_name(f"{path.name}.{utcnow():%Y%m%dT%H%M%S%f}~")
+    os.link(path, target)
+    os.chmod(target, 0o600)
+    return str(target)
+
+
+def _tpd_import(engine, database_url, cluster, key_password, path, password, check_mode) -> Result:
+    try:
+        document = tpd.unseal(path.read_text(), password)
+    except FileNotFoundError:
+        raise RmsdError(f"{path} does not exist; give the path of an exported trusted publishing domain") from None
+    except UnicodeDecodeError:
+        raise RmsdError(f"{path} is not a trusted publishing domain") from None
+
+    def planned(conn):
+        row = clusters.get_cluster(conn, cluster)
+        if row is None:
+            return None
+        _open_active_key(conn, row, key_password)
+        return tpd.import_plan(conn, row, document)
+
+    plan = _read(engine, database_url, planned)
+    if plan is None:
+        raise RmsdError(f"cluster {cluster!r} does not exist in {database_url}; provision it, then import into it")
+    facts = {"tpd": dict(tpd.summary(document), path=str(path)), "imported": plan}
+    warnings = [f"key {s['id']} was not imported: {s['reason']}" for s in plan["skipped"]]
+    if not any(plan[k] for k in ("keys", "compromise", "certificates", "rights_templates", "content")):
+        return Result(changed=False, facts=facts, warnings=warnings)
+    diff = {"before": {}, "after": {k: v for k, v in plan.items() if v and k != "skipped"}}
+    if not check_mode:
+        with _writing(engine, database_url, cluster) as conn:
+            row = clusters.get_cluster(conn, cluster)
+            plan = tpd.import_plan(conn, row, document)  # again, under the lock
+            provider = provider_for(row.key_protection, key_password=key_password)
+            tpd.apply_import(conn, row, document, plan, provider, password, utcnow())
+        facts["imported"] = plan
+    return Result(changed=True, diff=diff, facts=facts, warnings=warnings)
+
+
+# --- content under compromised keys ---------------------------------------------------------------
+
+
+def ensure_compromise_report(
+    *, cluster, database_url, database_password=None, json_path=None, csv_path=None, notify=False,
+    sender=None, outbox_dir=None, smtp_host=None, smtp_port=25, smtp_starttls=False, smtp_username=None,
+    smtp_password=None, template_dir=None, check_mode=False,
+) -> Result:
+    """The per-owner report of content under compromised keys, written to `json_path` / `csv_path`
+    when it changed; with `notify`, every owner with content still to republish is sent one notice per
+    compromised key (over SMTP at `smtp_host`, or into `outbox_dir`), never twice."""
+    _check_name("cluster", cluster)
+    for what, value in (("json_path", json_path), ("csv_path", csv_path), ("outbox_dir", outbox_dir),
+                        ("template_dir", template_dir)):
+        if value and not os.path.isabs(value):
+            raise RmsdError(f"{what} must be an absolute path, not {value!r}")
+    smtp = None
+    if notify:
+        if not sender or "@" not in sender:
+            raise RmsdError("notify needs sender, the address the notices come from (e.g. rms-admins@example.com)")
+        if bool(smtp_host) == bool(outbox_dir):
+            raise RmsdError("notify needs exactly one of smtp_host (send the notices) or outbox_dir (keep them there)")
+        if smtp_host:
+            smtp = compromise.Smtp(smtp_host, int(smtp_port), bool(smtp_starttls), smtp_username, smtp_password)
+    engine = _engine(database_url, database_password)
+    try:
+        def current(conn):
+            row = clusters.get_cluster(conn, cluster)
+            if row is None:
+                return None
+            keys = [k for k in clusters.keys_of(conn, row.id) if k.status == "compromised"]
+            return row, keys, compromise.affected_content(conn, row.id), compromise.notices_sent(conn, row.id)
+
+        found = _read(engine, database_url, current)
+        if found is None:
+            raise RmsdError(f"cluster {cluster!r} does not exist in {database_url}")
+        row, keys, items, sent = found
+        compromised = [{"id": k.id, "compromised_at": k.status_changed_at.isoformat()} for k in keys]
+        data = compromise.report(cluster, compromised, items)
+        files = {p: text for p, text in ((json_path, compromise.render_json(data)),
+                                         (csv_path, compromise.render_csv(items))) if p}
+        stale = [p for p, text in files.items() if read_text_or_none(p) != text or _mode(p) != 0o640]
+        due = compromise.due_notices(items, sent) if notify else {}
+        notices = []
+        for (owner, key_id), pending in sorted(due.items()):
+            context = {
+                "owner": owner, "items": pending,
+                "cluster": {"name": row.name, "intranet_url": row.intranet_url, "extranet_url": row.extranet_url},
+                "key": next(k for k in compromised if k["id"] == key_id),
+            }
+            subject, body = compromise.render_notice(template_dir, context)  # a bad template fails before sending
+            notices.append((owner, key_id, len(pending), compromise.message(sender, owner, subject, body)))
+        summary = {k: data[k] for k in ("cluster", "compromised_keys", "pending", "republished")}
+        summary["owners"] = [{k: o[k] for k in ("owner", "pending", "republished")} for o in data["owners"]]
+        facts = {"report": summary, "notified": [n[0] for n in notices]}
+        if not stale and not notices:
+            return Result(changed=False, facts=facts)
+        diff = {"before": {"files": {}, "notices": []}, "after": {
+            "files": {p: "(rewritten)" for p in stale}, "notices": [f"{n[0]} (key {n[1]})" for n in notices],
+        }}
+        if not check_mode:
+            for p in stale:
+                write_atomic(p, files[p], 0o640)
+            for owner, key_id, count, msg in notices:
+                # Recorded in the same transaction as the sending: a notice that did not go out is not
+                # recorded and goes out on the next run.
+                with _writing(engine, database_url, cluster) as conn:
+                    channel = compromise.deliver(msg, smtp, outbox_dir)
+                    compromise.record_notice(conn, row.id, owner, key_id, count, channel, utcnow())
+        return Result(changed=True, diff=diff, facts=facts)
+    finally:
+        engine.dispose()
 
 
 # --- enrollment credentials (root cluster) --------------------------------------------------------
@@ -317,8 +662,7 @@ def ensure_enrollment_credential(
                 raise RmsdError(f"cluster {cluster!r} is a {row.role} cluster; enrollment credentials live on the root")
             if scope == cluster:
                 raise RmsdError("scope names the licensing cluster that may enroll, not the root cluster itself")
-            # An older schema has no credentials yet; the write migrates it.
-            cred = clusters.credential_row(conn, row.id, scope) if db.schema_current(conn) else None
+            cred = clusters.credential_row(conn, row.id, scope)
             if cred is None:
                 return {}
             return {
@@ -379,7 +723,7 @@ def ensure_rights_template(
             row = clusters.get_cluster(conn, cluster)
             if row is None:
                 return None
-            template = clusters.template_row(conn, row.id, name) if db.schema_current(conn) else None
+            template = clusters.template_row(conn, row.id, name)
             return {} if template is None else _template_view(template)
 
         found = _read(engine, database_url, current)
@@ -412,8 +756,8 @@ def _template_view(row) -> dict:
 
 
 def ensure_server(
-    *, cluster, name, database_url, database_password=None, key_password=None, listen_address="127.0.0.1",
-    port=8080, config_path, secret_path, identity_issuer=None, identity_audience="rmsd",
+    *, cluster, name, database_url, database_password=None, key_password=None, previous_key_password=None,
+    listen_address="127.0.0.1", port=8080, config_path, secret_path, identity_issuer=None, identity_audience="rmsd",
     identity_jwks_uri=None, state="present", check_mode=False,
 ) -> Result:
     _check_name("cluster", cluster)
@@ -438,7 +782,8 @@ def ensure_server(
             secret_path=secret_path, identity_issuer=identity_issuer, identity_audience=identity_audience,
             identity_jwks_uri=identity_jwks_uri,
         )
-        secrets = Secrets(key_password=key_password, database_password=database_password)
+        secrets = Secrets(key_password=key_password, previous_key_password=previous_key_password or None,
+                          database_password=database_password)
         return _server_present(engine, database_url, config, config_path, secrets, check_mode)
     finally:
         engine.dispose()
@@ -449,7 +794,7 @@ def _server_present(engine, database_url, config: NodeConfig, config_path, secre
         row = clusters.get_cluster(conn, config.cluster)
         if row is None:
             return None
-        _open_active_key(conn, row, secrets.key_password)
+        _open_active_key(conn, row, secrets.key_password, secrets.previous_key_password)
         for other in clusters.servers_of(conn, row.id):
             if other.name != config.name and (other.listen_address, other.port) == (
                 config.listen_address, config.port,
@@ -547,6 +892,7 @@ def cluster_info(*, name, database_url, database_password=None) -> dict:
         engine.dispose()
     return info or {
         "exists": False, "cluster": {}, "nodes": [], "cluster_keys": [], "slc": {}, "root_slc": {},
+        "untrusted_root_key_ids": [],
         "content_per_key": {}, "rights_templates": [], "enrollment_credentials": [], "enrollments": [],
     }
 
@@ -569,19 +915,12 @@ def _info(conn, name) -> dict | None:
             "url": f"http://{server.listen_address}:{server.port}", "joined_at": server.joined_at.isoformat(),
             "last_heartbeat": beat.isoformat() if beat else None, "status": "up" if up else "down",
         })
-    keys = [
-        {
-            "id": k.id, "status": k.status, "protection": k.protection, "size": k.size,
-            "created_at": k.created_at.isoformat(), "age_days": (now - k.created_at).days,
-            "wrap_alg": k.wrap_alg, "sign_alg": k.sign_alg,
-        }
-        for k in clusters.keys_of(conn, row.id)
-    ]
-    current = db.schema_current(conn)  # tables of newer revisions are empty until the schema is upgraded
-    root_slc = {}
+    keys = [rotation.key_view(k, now) for k in clusters.keys_of(conn, row.id)]
+    root_slc, untrusted = {}, []
     if row.role == "licensing":
         root_row = clusters.root_slc_row(conn, row.id, slc_row.issuer_key_id)
         root_slc = _cert_view(pki.load_pem(root_row.pem), root_row)
+        untrusted = clusters.untrusted_root_key_ids(conn, row.id)
     return {
         "exists": True,
         "cluster": view,
@@ -589,23 +928,26 @@ def _info(conn, name) -> dict | None:
         "cluster_keys": keys,
         "slc": dict(_cert_view(slc, slc_row), issuer_key_id=slc_row.issuer_key_id),
         "root_slc": root_slc,
+        # licensing: root keys revoked as compromised, whose SLCs and RACs it no longer trusts
+        "untrusted_root_key_ids": untrusted,
         "content_per_key": clusters.content_counts(conn, row.id),
-        "rights_templates": [_template_view(t) for t in clusters.templates_of(conn, row.id)] if current else [],
+        "rights_templates": [_template_view(t) for t in clusters.templates_of(conn, row.id)],
         # Metadata only: the secret's hash never leaves the database.
         "enrollment_credentials": [
             {
                 "scope": c.scope, "expires_at": c.expires_at.isoformat(), "expired": c.expires_at <= now,
                 "last_used_at": c.last_used_at.isoformat() if c.last_used_at else None,
             }
-            for c in (clusters.credentials_of(conn, row.id) if current else [])
+            for c in clusters.credentials_of(conn, row.id)
         ],
         "enrollments": [
             {
                 "licensing_cluster": e.licensing_cluster, "key_id": e.key_id, "issuer_key_id": e.issuer_key_id,
                 "slc_fingerprint_sha256": e.fingerprint_sha256, "not_after": e.not_after.isoformat(),
                 "created_at": e.created_at.isoformat(),
+                "revoked_at": e.revoked_at.isoformat() if e.revoked_at else None,
             }
-            for e in (clusters.enrollments_of(conn, row.id) if current else [])
+            for e in clusters.enrollments_of(conn, row.id)
         ],
     }
 

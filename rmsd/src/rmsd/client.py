@@ -71,8 +71,12 @@ class RmsClient:
         user.rac_pem = self._call("POST", "/certification", user.token, {"csr": user.csr_pem()})["rac"]
         return user.rac_pem
 
-    def publish(self, user: User, content_id: str, content_key: bytes, rights: dict) -> dict:
+    def publish(self, user: User, content_id: str, content_key: bytes, rights: dict,
+                supersedes: str | None = None) -> dict:
+        """A PL for content; `supersedes` republishes: the owner's new PL replaces that older one."""
         body = {"content_id": content_id, "content_key": b64url(content_key), "rights": rights}
+        if supersedes:
+            body["supersedes"] = supersedes
         return self._call("POST", "/publishing", user.token, body)
 
     def license(self, user: User, pl: str) -> dict:

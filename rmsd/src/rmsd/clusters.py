@@ -18,6 +18,7 @@ from rmsd.schema import (
     content,
     enrollment_credentials,
     enrollments,
+    owner_notices,
     racs,
     rights_templates,
     servers,
@@ -48,21 +49,56 @@ def active_key_row(conn: sa.Connection, cluster_id: int):
     return rows[0]
 
 
+def key_statuses(conn: sa.Connection, key_ids) -> dict[str, str]:
+    query = sa.select(cluster_keys.c.id, cluster_keys.c.status).where(cluster_keys.c.id.in_(list(key_ids)))
+    return dict(conn.execute(query).all())
+
+
+def lock_active_key(conn: sa.Connection, key_id: str) -> bool:
+    """True when `key_id` is still the active key; holds it so (FOR SHARE on PostgreSQL, the write
+    lock on SQLite) until the caller's transaction ends, so a rotation cannot commit in between."""
+    query = sa.select(cluster_keys.c.status).where(cluster_keys.c.id == key_id).with_for_update(read=True)
+    return conn.execute(query).scalar_one_or_none() == "active"
+
+
+def set_key_status(conn: sa.Connection, key_id: str, status: str, now: datetime) -> None:
+    conn.execute(cluster_keys.update().where(cluster_keys.c.id == key_id).values(status=status, status_changed_at=now))
+
+
+def set_key_ciphertext(conn: sa.Connection, key_id: str, encrypted_private_key: bytes) -> None:
+    conn.execute(
+        cluster_keys.update().where(cluster_keys.c.id == key_id).values(encrypted_private_key=encrypted_private_key)
+    )
+
+
+def compromised_keys(conn: sa.Connection, cluster_id: int) -> dict[str, datetime]:
+    """Key id -> when it was revoked, for the cluster's keys revoked as compromised."""
+    return {k.id: k.status_changed_at for k in keys_of(conn, cluster_id) if k.status == "compromised"}
+
+
+def compromised_key_ids(conn: sa.Connection, cluster_id: int) -> list[str]:
+    return list(compromised_keys(conn, cluster_id))
+
+
 def current_slc_row(conn: sa.Connection, cluster_id: int, key_id: str):
     query = (
         sa.select(certificates)
         .where(certificates.c.cluster_id == cluster_id, certificates.c.key_id == key_id, certificates.c.kind == "slc")
-        .order_by(certificates.c.not_after.desc())
+        .order_by(certificates.c.not_after.desc(), certificates.c.created_at.desc())
     )
     return conn.execute(query).first()
 
 
-def insert_key(conn: sa.Connection, cluster_id: int, provider: KeyProvider, new: NewKey, now: datetime) -> None:
+def insert_key(
+    conn: sa.Connection, cluster_id: int, provider: KeyProvider, new: NewKey, now: datetime, status: str = "active",
+    imported_from: str | None = None,
+) -> None:
     conn.execute(
         cluster_keys.insert().values(
             id=new.key_id,
             cluster_id=cluster_id,
-            status="active",
+            status=status,
+            imported_from=imported_from,
             protection=provider.protection,
             size=new.size,
             public_key_pem=new.public_key_pem,
@@ -155,11 +191,45 @@ def save_enrollment(conn: sa.Connection, cluster_id: int, slc, root_slc, now: da
 
 
 def trust_anchors(conn: sa.Connection, row) -> list:
-    """The root SLCs whose RACs this cluster accepts: its own SLCs on the root cluster, the root
-    cluster's SLCs on a licensing cluster."""
-    kind = "slc" if row.role == "root" else "root"
-    query = sa.select(certificates.c.pem).where(certificates.c.cluster_id == row.id, certificates.c.kind == kind)
+    """The root SLCs whose RACs this cluster accepts: on the root cluster its own SLCs, except those
+    of compromised keys; on a licensing cluster the root cluster's SLCs, except revoked ones."""
+    if row.role == "root":
+        query = (
+            sa.select(certificates.c.pem)
+            .join(cluster_keys, cluster_keys.c.id == certificates.c.key_id)
+            .where(certificates.c.cluster_id == row.id, certificates.c.kind == "slc",
+                   cluster_keys.c.status != "compromised")
+        )
+    else:
+        query = sa.select(certificates.c.pem).where(
+            certificates.c.cluster_id == row.id, certificates.c.kind == "root", certificates.c.revoked_at.is_(None)
+        )
     return [pki.load_pem(pem) for (pem,) in conn.execute(query)]
+
+
+def revoke_root_slcs(conn: sa.Connection, cluster_id: int, key_ids, now: datetime) -> list[str]:
+    """A licensing cluster stops trusting the root SLCs of root keys revoked as compromised; returns
+    the key ids it newly stopped trusting."""
+    query = sa.select(certificates.c.key_id).where(
+        certificates.c.cluster_id == cluster_id, certificates.c.kind == "root",
+        certificates.c.key_id.in_(list(key_ids)), certificates.c.revoked_at.is_(None),
+    )
+    newly = sorted({key_id for (key_id,) in conn.execute(query)})
+    if newly:
+        conn.execute(
+            certificates.update()
+            .where(certificates.c.cluster_id == cluster_id, certificates.c.kind == "root",
+                   certificates.c.key_id.in_(newly))
+            .values(revoked_at=now)
+        )
+    return newly
+
+
+def untrusted_root_key_ids(conn: sa.Connection, cluster_id: int) -> list[str]:
+    query = sa.select(certificates.c.key_id).where(
+        certificates.c.cluster_id == cluster_id, certificates.c.kind == "root", certificates.c.revoked_at.is_not(None)
+    )
+    return sorted({key_id for (key_id,) in conn.execute(query)})
 
 
 def root_slc_row(conn: sa.Connection, cluster_id: int, key_id: str):
@@ -167,7 +237,7 @@ def root_slc_row(conn: sa.Connection, cluster_id: int, key_id: str):
     query = sa.select(certificates).where(
         certificates.c.cluster_id == cluster_id, certificates.c.kind == "root", certificates.c.key_id == key_id
     )
-    return conn.execute(query.order_by(certificates.c.not_after.desc())).first()
+    return conn.execute(query.order_by(certificates.c.not_after.desc(), certificates.c.created_at.desc())).first()
 
 
 def update_cluster(conn: sa.Connection, cluster_id: int, now: datetime, **values) -> None:
@@ -176,7 +246,8 @@ def update_cluster(conn: sa.Connection, cluster_id: int, now: datetime, **values
 
 def delete_cluster(conn: sa.Connection, cluster_id: int) -> None:
     for table in (
-        racs, content, servers, certificates, rights_templates, enrollment_credentials, enrollments, cluster_keys,
+        racs, content, servers, certificates, rights_templates, enrollment_credentials, enrollments, owner_notices,
+        cluster_keys,
     ):
         conn.execute(table.delete().where(table.c.cluster_id == cluster_id))
     conn.execute(clusters.delete().where(clusters.c.id == cluster_id))
@@ -225,7 +296,7 @@ def content_counts(conn: sa.Connection, cluster_id: int) -> dict[str, int]:
     return {key_id: count for key_id, count in conn.execute(query)}
 
 
-def record_content(conn, cluster_id: int, pl: dict, now: datetime) -> None:
+def record_content(conn, cluster_id: int, pl: dict, now: datetime, supersedes: str | None = None) -> None:
     conn.execute(
         content.insert().values(
             pl_id=pl["pl_id"],
@@ -235,8 +306,13 @@ def record_content(conn, cluster_id: int, pl: dict, now: datetime) -> None:
             key_id=pl["key_id"],
             rights=pl["rights"],
             created_at=now,
+            supersedes=supersedes,
         )
     )
+    if supersedes is not None:
+        conn.execute(
+            content.update().where(content.c.pl_id == supersedes).values(superseded_by=pl["pl_id"], superseded_at=now)
+        )
 
 
 def content_row(conn: sa.Connection, pl_id: str):
@@ -332,6 +408,23 @@ def credential_used(conn: sa.Connection, credential_id: int, now: datetime) -> N
     conn.execute(
         enrollment_credentials.update().where(enrollment_credentials.c.id == credential_id).values(last_used_at=now)
     )
+
+
+def revoke_enrollments(conn, cluster_id: int, licensing_cluster: str, key_ids, now: datetime) -> None:
+    """The licensing cluster revoked these keys of its own as compromised: the root never certifies them again."""
+    conn.execute(
+        enrollments.update()
+        .where(enrollments.c.cluster_id == cluster_id, enrollments.c.licensing_cluster == licensing_cluster,
+               enrollments.c.key_id.in_(list(key_ids)), enrollments.c.revoked_at.is_(None))
+        .values(revoked_at=now)
+    )
+
+
+def enrollment_revoked(conn, cluster_id: int, key_id: str) -> bool:
+    query = sa.select(sa.func.count()).where(
+        enrollments.c.cluster_id == cluster_id, enrollments.c.key_id == key_id, enrollments.c.revoked_at.is_not(None)
+    )
+    return conn.execute(query).scalar_one() > 0
 
 
 def record_enrollment(conn, cluster_id: int, licensing_cluster: str, slc, issuer_key_id: str, now: datetime) -> None:

@@ -1,7 +1,7 @@
 """A licensing cluster's side of enrollment: ask the root cluster (over HTTP) to certify the
 licensing cluster key, and check what comes back before anything is stored."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 from cryptography import x509
@@ -21,6 +21,7 @@ class RootSlc:
     cluster: str
     state: str
     cert: x509.Certificate
+    revoked_key_ids: list[str] = field(default_factory=list)  # root keys revoked as compromised
 
     @property
     def key_id(self) -> str:
@@ -61,14 +62,16 @@ def fetch_root_slc(url: str, ca_path: str | None) -> RootSlc:
             f"{url} is cluster {answer.get('cluster')!r} with role {answer.get('role')!r}; enrollment_url must "
             "point to the root cluster"
         )
-    return RootSlc(answer["cluster"], answer["state"], pki.load_pem(answer["chain"][0]))
+    return RootSlc(answer["cluster"], answer["state"], pki.load_pem(answer["chain"][0]),
+                   list(answer.get("revoked_key_ids") or []))
 
 
 def enroll(
     url: str, ca_path: str | None, *, cluster: str, key: ClusterKey, intranet_url: str, extranet_url: str | None,
-    credential: str | None, expected_root: RootSlc,
+    credential: str | None, expected_root: RootSlc, revoked_key_ids=(),
 ) -> tuple[x509.Certificate, x509.Certificate]:
-    """(licensing SLC, root SLC): the root cluster certifies `key` for licensing cluster `cluster`."""
+    """(licensing SLC, root SLC): the root cluster certifies `key` for licensing cluster `cluster`.
+    `revoked_key_ids`: this cluster's keys revoked as compromised, which the root never certifies again."""
     if not credential:
         raise RmsdError(
             f"licensing cluster {cluster!r} must enroll with the root cluster at {url}, which needs an "
@@ -81,6 +84,7 @@ def enroll(
         "intranet_url": intranet_url,
         "extranet_url": extranet_url,
         "credential": credential,
+        "revoked_key_ids": list(revoked_key_ids),
     }
     answer = _call(url, ca_path, "POST", "/enrollment", body)
     try:

@@ -10,14 +10,22 @@ from datetime import datetime
 from typing import Annotated
 
 import sqlalchemy as sa
+from cryptography.hazmat.primitives import serialization
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
-from rmsd import __version__, clusters, db, licenses, pki
+from rmsd import __version__, clusters, db, keys, licenses, pki
 from rmsd.config import NodeConfig, load_secrets
-from rmsd.errors import AuthenticationError, ForbiddenError, InvalidRequestError, NotFoundError, RmsdError
+from rmsd.errors import (
+    AuthenticationError,
+    ForbiddenError,
+    InvalidRequestError,
+    NotFoundError,
+    RevokedError,
+    RmsdError,
+)
 from rmsd.identity import Principal, TokenVerifier
 from rmsd.keys import ClusterKey, provider_for
 from rmsd.schema import utcnow
@@ -29,10 +37,16 @@ ACTIVE_KEY_TTL = 5.0  # seconds a node trusts its view of the active key before 
 class ClusterState:
     """What a node knows about its cluster, read from the configuration database."""
 
-    def __init__(self, row, active: ClusterKey, slc_pem: str, chain: list[str], trusted_slcs: list):
+    def __init__(self, row, active: ClusterKey, slc_pem: str, chain: list[str], trusted_slcs: list,
+                 revoked: dict[str, datetime]):
         self.row, self.active, self.slc_pem, self.trusted_slcs = row, active, slc_pem, trusted_slcs
         self.chain = chain  # the SLC, then (licensing clusters) the root SLC it chains to
+        self.revoked = revoked  # this cluster's keys revoked as compromised -> when
         self.read_at = time.monotonic()
+
+    @property
+    def revoked_key_ids(self) -> list[str]:
+        return sorted(self.revoked)
 
 
 class Node:
@@ -40,7 +54,8 @@ class Node:
         self.config = config
         secrets = load_secrets(config.secret_path)
         self.engine = db.make_engine(config.database_url, secrets.database_password)
-        self._key_password = secrets.key_password
+        self._key_passwords = secrets.key_passwords
+        self.started_at = utcnow()
         self.verifier = (
             TokenVerifier(config.identity_issuer, config.identity_audience, config.identity_jwks_uri)
             if config.identity_issuer
@@ -58,25 +73,58 @@ class Node:
             row = clusters.key_row(conn, key_id)
             if row is None:
                 raise NotFoundError(f"cluster key {key_id} is not known to this cluster")
-            self._keys[key_id] = provider_for(row.protection, key_password=self._key_password).load(row)
+            if row.status == "compromised":
+                raise RevokedError(f"cluster key {key_id} was revoked as compromised; it is never used again")
+            try:
+                self._keys[key_id] = self._open(row)
+            except RmsdError:
+                # The cluster key password may have changed since this node started: its secret file
+                # holds the new one (and, during the change, the previous one) before it restarts.
+                self._key_passwords = load_secrets(self.config.secret_path).key_passwords
+                self._keys[key_id] = self._open(row)
         return self._keys[key_id]
 
-    def state(self, refresh: bool = False) -> ClusterState:
+    def _open(self, row) -> ClusterKey:
+        """Open a stored key with the key password, or with the previous one during a change."""
+        *first, last = self._key_passwords or [None]
+        for password in first:
+            try:
+                return provider_for(row.protection, key_password=password).load(row)
+            except RmsdError:
+                continue
+        return provider_for(row.protection, key_password=last).load(row)
+
+    def state(self, refresh: bool = False, max_age: float = ACTIVE_KEY_TTL) -> ClusterState:
+        """The cluster as this node knows it: read again when asked to, or when older than `max_age` seconds."""
         with self._lock:
-            if refresh or self._state is None or time.monotonic() - self._state.read_at > ACTIVE_KEY_TTL:
+            if refresh or self._state is None or time.monotonic() - self._state.read_at > max_age:
                 with self.engine.connect() as conn:
                     row = clusters.get_cluster(conn, self.config.cluster)
                     if row is None:
                         raise RmsdError(f"cluster {self.config.cluster!r} is not in the configuration database")
                     key_row = clusters.active_key_row(conn, row.id)
+                    revoked = clusters.compromised_keys(conn, row.id)
+                    for key_id in revoked:  # never again used by this process
+                        self._keys.pop(key_id, None)
                     active = self.load_key(conn, key_row.id)
                     slc = clusters.current_slc_row(conn, row.id, key_row.id)
                     chain = [slc.pem]
                     if row.role == "licensing":
                         chain.append(clusters.root_slc_row(conn, row.id, slc.issuer_key_id).pem)
                     trusted = clusters.trust_anchors(conn, row)
-                self._state = ClusterState(row, active, slc.pem, chain, trusted)
+                self._state = ClusterState(row, active, slc.pem, chain, trusted, revoked)
             return self._state
+
+    def _issuing(self, issue):
+        """Run `issue(state, conn)` in a write transaction that holds the active key as active, so
+        nothing is signed with a key a rotation has just retired; after a rotation this node had not
+        seen yet, read the cluster again and issue with the new key."""
+        for refresh in (False, True):
+            state = self.state(refresh=refresh)
+            with self.engine.begin() as conn:
+                if clusters.lock_active_key(conn, state.active.key_id):
+                    return issue(state, conn)
+        raise RmsdError("the cluster key changed while this request was served; send it again")
 
     def heartbeat_loop(self) -> None:
         while not self._stop.wait(self.config.heartbeat_seconds):
@@ -110,14 +158,18 @@ class Node:
             raise ForbiddenError("certification is done by the root cluster only; ask the root cluster for a RAC")
         self._refuse_if_decommissioned(state, "issue RACs")
         csr = pki.load_csr(csr_pem)
-        now = utcnow()
-        rac = pki.issue_rac(state.active, pki.load_pem(state.slc_pem), user.subject, csr, now)
-        with self.engine.begin() as conn:
-            clusters.record_rac(conn, state.row.id, rac, user.subject, now)
-        return {"rac": pki.to_pem(rac), "chain": [state.slc_pem]}
 
-    def enroll(self, cluster: str, credential: str, csr_pem: str, urls: list[str]) -> dict:
-        """Certify a licensing cluster's key with the root cluster's active key."""
+        def issue(state, conn):
+            now = utcnow()
+            rac = pki.issue_rac(state.active, pki.load_pem(state.slc_pem), user.subject, csr, now)
+            clusters.record_rac(conn, state.row.id, rac, user.subject, now)
+            return {"rac": pki.to_pem(rac), "chain": [state.slc_pem]}
+
+        return self._issuing(issue)
+
+    def enroll(self, cluster: str, credential: str, csr_pem: str, urls: list[str], revoked_key_ids=()) -> dict:
+        """Certify a licensing cluster's key with the root cluster's active key. `revoked_key_ids`:
+        keys of that licensing cluster it revoked as compromised; they are never certified again."""
         state = self.state()
         if state.row.role != "root":
             raise ForbiddenError("enrollment is done by the root cluster only")
@@ -134,16 +186,30 @@ class Node:
                 f"no valid enrollment credential for cluster {cluster!r} (unknown, wrong or expired)"
             )
         csr = pki.load_csr(csr_pem)
-        slc = pki.issue_licensing_slc(state.active, pki.load_pem(state.slc_pem), cluster, csr, urls, now)
-        with self.engine.begin() as conn:
+        key_id = keys.key_id_of(csr.public_key())
+
+        def issue(state, conn):
+            clusters.revoke_enrollments(conn, state.row.id, cluster, revoked_key_ids, now)
+            if key_id in revoked_key_ids or clusters.enrollment_revoked(conn, state.row.id, key_id):
+                raise ForbiddenError(
+                    f"cluster key {key_id} of licensing cluster {cluster} was revoked as compromised; it is never "
+                    "enrolled again. Re-enrollment keeps the key: a compromised key needs a new key pair"
+                )
+            slc = pki.issue_licensing_slc(state.active, pki.load_pem(state.slc_pem), cluster, csr, urls, now)
             clusters.credential_used(conn, found.id, now)
             clusters.record_enrollment(conn, state.row.id, cluster, slc, state.active.key_id, now)
-        log.info("enrolled licensing cluster %s (key %s)", cluster, pki.cert_key_id(slc))
-        return {"slc": pki.to_pem(slc), "chain": [state.slc_pem]}
+            return {"slc": pki.to_pem(slc), "chain": [state.slc_pem]}
+
+        answer = self._issuing(issue)
+        log.info("enrolled licensing cluster %s (key %s)", cluster, key_id)
+        return answer
 
     def publish(
         self, user: Principal, content_id: str, content_key_b64: str, rights: dict, template: str | None = None,
+        supersedes: str | None = None,
     ) -> dict:
+        """A PL for content; with `supersedes`, its owner republishes content under the active key and
+        the new PL replaces the old one (the remedy for content under a compromised key)."""
         state = self.state()
         self._refuse_if_decommissioned(state, "publish")
         content_key = _b64url_decode(content_key_b64, "content_key")
@@ -156,13 +222,19 @@ class Node:
                 raise NotFoundError(f"cluster {state.row.name} has no rights policy template {template!r}")
             rights = _merge_rights(found.rights, rights)
         rights = licenses.normalize_rights(rights)
-        now = utcnow()
-        pl, claims = licenses.issue_pl(
-            state.active, state.row.name, content_id, user.subject, rights, content_key, now, template=template,
-        )
-        with self.engine.begin() as conn:
-            clusters.record_content(conn, state.row.id, claims, now)
-        return {"pl": pl, "pl_id": claims["pl_id"], "content_id": content_id, "key_id": claims["key_id"]}
+
+        def issue(state, conn):
+            if supersedes is not None:
+                _check_republishing(conn, state, user, content_id, supersedes)
+            now = utcnow()
+            pl, claims = licenses.issue_pl(
+                state.active, state.row.name, content_id, user.subject, rights, content_key, now, template=template,
+            )
+            clusters.record_content(conn, state.row.id, claims, now, supersedes=supersedes)
+            return {"pl": pl, "pl_id": claims["pl_id"], "content_id": content_id, "key_id": claims["key_id"],
+                    "supersedes": supersedes}
+
+        return self._issuing(issue)
 
     def license(self, user: Principal, pl_token: str, rac_pem: str) -> dict:
         state = self.state()
@@ -175,11 +247,21 @@ class Node:
             key_row = clusters.key_row(conn, key_id) if isinstance(key_id, str) else None
             if key_row is None or key_row.cluster_id != state.row.id:
                 raise InvalidRequestError("the publishing license was not issued by this cluster")
-            pl = licenses.verify(pl_token, self.load_key(conn, key_id).public_key, licenses.PL_TYPE)
+            public_key = serialization.load_pem_public_key(key_row.public_key_pem.encode())
+            pl = licenses.verify(pl_token, public_key, licenses.PL_TYPE)
             recorded = clusters.content_row(conn, pl["pl_id"])
             if recorded is None:
                 raise NotFoundError(f"publishing license {pl['pl_id']} is not in this cluster's content registry")
-            pl_key = self.load_key(conn, pl["key_id"])
+            if pl["key_id"] != key_id:
+                raise InvalidRequestError("the publishing license wraps its content key to another key than its signer")
+            if key_row.status == "compromised":
+                raise RevokedError(_revoked_content_message(recorded, key_row))
+            pl_key = self.load_key(conn, key_id)
+            # A rotation may have retired the key this node signs with since it last read the cluster.
+            rotated = clusters.key_statuses(conn, [state.active.key_id]).get(state.active.key_id) != "active"
+        if rotated:
+            state = self.state(refresh=True)
+            rac = self._trusted_rac(state, rac_pem, now)
         rights = licenses.granted_rights(pl, user.subject, list(user.groups))
         if not rights:
             raise ForbiddenError(f"{user.subject} holds no rights to content {pl['content_id']}")
@@ -195,7 +277,12 @@ class Node:
             rac = pki.load_pem(rac_pem)
         except ValueError:
             raise InvalidRequestError("rac is not a PEM certificate") from None
-        if not any(pki.verify_issued_by(rac, slc, now) for slc in state.trusted_slcs):
+        def trusted(anchors):
+            return any(pki.verify_issued_by(rac, slc, now) for slc in anchors)
+
+        # Not trusted by what this node read a moment ago: read again (at most once a second, however
+        # many untrusted RACs arrive), an import may have added trust.
+        if not trusted(state.trusted_slcs) and not trusted(self.state(max_age=1.0).trusted_slcs):
             raise ForbiddenError("the RAC was not issued by this deployment's root cluster or has expired")
         return rac
 
@@ -203,6 +290,33 @@ class Node:
     def _refuse_if_decommissioned(state: ClusterState, what: str) -> None:
         if state.row.state != "provisioned":
             raise ForbiddenError(f"cluster {state.row.name} is {state.row.state}: it no longer may {what}")
+
+
+def _check_republishing(conn, state: ClusterState, user: Principal, content_id: str, old_pl_id: str) -> None:
+    old = clusters.content_row(conn, old_pl_id)
+    if old is None or old.cluster_id != state.row.id:
+        raise NotFoundError(f"publishing license {old_pl_id} is not in this cluster's content registry")
+    if old.owner != user.subject:
+        raise ForbiddenError(f"only the owner of content {old.content_id!r} ({old.owner}) may republish it")
+    if old.content_id != content_id:
+        raise InvalidRequestError(
+            f"publishing license {old_pl_id} is for content {old.content_id!r}, not {content_id!r}"
+        )
+    if old.superseded_by is not None:
+        raise InvalidRequestError(
+            f"publishing license {old_pl_id} was already republished as {old.superseded_by}; supersede that one"
+        )
+
+
+def _revoked_content_message(recorded, key_row) -> str:
+    message = (
+        f"content {recorded.content_id!r} (publishing license {recorded.pl_id}, owner {recorded.owner}) is protected "
+        f"by cluster key {key_row.id}, revoked as compromised on {key_row.status_changed_at:%Y-%m-%d}: it can no "
+        "longer be opened and must be republished by its owner under the new key"
+    )
+    if recorded.superseded_by:
+        message += f"; it was republished as publishing license {recorded.superseded_by}: use that one"
+    return message
 
 
 def _merge_rights(template: dict, extra: dict) -> dict:
@@ -237,6 +351,10 @@ class PublishingRequest(BaseModel):
     template: str | None = Field(
         default=None, min_length=1, max_length=64, description="a rights policy template of this cluster"
     )
+    supersedes: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{32}$",
+        description="republishing: the pl_id of the owner's publishing license this one replaces",
+    )
 
 
 class EnrollmentRequest(BaseModel):
@@ -245,6 +363,10 @@ class EnrollmentRequest(BaseModel):
     intranet_url: str = Field(max_length=512, pattern=r"^https?://")
     extranet_url: str | None = Field(default=None, max_length=512, pattern=r"^https?://")
     credential: str = Field(min_length=1, max_length=512, description="the enrollment credential's secret")
+    revoked_key_ids: list[str] = Field(
+        default_factory=list, max_length=64,
+        description="keys of this licensing cluster it revoked as compromised; never enrolled again",
+    )
 
 
 class LicensingRequest(BaseModel):
@@ -260,6 +382,11 @@ class Health(BaseModel):
     state: str
     active_key_id: str
     version: str
+    started_at: str = Field(description="when this node's process started (a restart drops every key it held)")
+    restart_advised: bool = Field(
+        description="a cluster key was revoked as compromised since this process started: it may still hold a copy "
+        "of that key in memory; restart it (drained) to be sure it holds none"
+    )
 
 
 class Slc(BaseModel):
@@ -270,6 +397,9 @@ class Slc(BaseModel):
     extranet_url: str | None
     key_id: str
     chain: list[str] = Field(description="the cluster's SLC, then the root SLC it chains to (licensing clusters)")
+    revoked_key_ids: list[str] = Field(
+        description="this cluster's keys revoked as compromised: trust nothing they signed"
+    )
 
 
 class Enrollment(BaseModel):
@@ -287,6 +417,7 @@ class PublishingLicense(BaseModel):
     pl_id: str
     content_id: str
     key_id: str
+    supersedes: str | None = None
 
 
 class UseLicense(BaseModel):
@@ -305,8 +436,9 @@ ERRORS = {
     ForbiddenError: 403,
     NotFoundError: 404,
     InvalidRequestError: 400,
+    RevokedError: 410,
 }
-PROBLEMS = {code: {"model": Problem} for code in (400, 401, 403, 404, 503)}
+PROBLEMS = {code: {"model": Problem} for code in (400, 401, 403, 404, 410, 503)}
 
 
 def create_app(config: NodeConfig) -> FastAPI:
@@ -346,18 +478,21 @@ def create_app(config: NodeConfig) -> FastAPI:
 
     @app.get("/health", response_model=Health, tags=["node"])
     def health():
-        state = node.state()
+        state = node.state(refresh=True)  # cheap, and what a rotation changed shows at once
         return Health(
             status="ok", cluster=state.row.name, node=config.name, role=state.row.role, state=state.row.state,
-            active_key_id=state.active.key_id, version=__version__,
+            active_key_id=state.active.key_id, version=__version__, started_at=node.started_at.isoformat(),
+            restart_advised=any(at >= node.started_at for at in state.revoked.values()),
         )
 
     @app.get("/slc", response_model=Slc, tags=["node"])
     def slc():
-        state = node.state()
+        # Always read afresh: licensing clusters learn here that the root key changed or was revoked.
+        state = node.state(refresh=True)
         return Slc(
             cluster=state.row.name, role=state.row.role, state=state.row.state, intranet_url=state.row.intranet_url,
             extranet_url=state.row.extranet_url, key_id=state.active.key_id, chain=state.chain,
+            revoked_key_ids=state.revoked_key_ids,
         )
 
     @app.post("/certification", response_model=Rac, tags=["certification"])
@@ -366,7 +501,7 @@ def create_app(config: NodeConfig) -> FastAPI:
 
     @app.post("/publishing", response_model=PublishingLicense, tags=["publishing"])
     def publishing(body: PublishingRequest, principal: User):
-        return node.publish(principal, body.content_id, body.content_key, body.rights, body.template)
+        return node.publish(principal, body.content_id, body.content_key, body.rights, body.template, body.supersedes)
 
     @app.post("/licensing", response_model=UseLicense, tags=["licensing"])
     def licensing(body: LicensingRequest, principal: User):
@@ -375,7 +510,7 @@ def create_app(config: NodeConfig) -> FastAPI:
     @app.post("/enrollment", response_model=Enrollment, tags=["enrollment"])
     def enrollment(body: EnrollmentRequest):
         urls = [u for u in (body.intranet_url, body.extranet_url) if u]
-        return node.enroll(body.cluster, body.credential, body.csr, urls)
+        return node.enroll(body.cluster, body.credential, body.csr, urls, body.revoked_key_ids)
 
     return app
 

@@ -1,0 +1,204 @@
+"""Key rotation across clusters: a licensing cluster's compromised key is replaced by a new key pair that
+the root cluster enrolls, and the root never certifies the old key again; re-enrollment is refused as the
+remedy for a compromised key; after the root key is compromised every licensing cluster re-enrolls and
+stops trusting the old root SLC and the RACs it issued."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from conftest import KEY_PASSWORD, _running_node, configure_node, sqlite_database, start_node, stop_node
+
+from rmsd import admin, clusters, enrollment, pki
+from rmsd.client import RmsClient, ServiceError, User, encrypt_content
+from rmsd.errors import RmsdError
+from rmsd.keys import PasswordKeyProvider
+from rmsd.schema import utcnow
+from rmsd.service import ACTIVE_KEY_TTL
+
+SECRET = "enroll-4b1f7c2ad9e06a3b5c88"
+DEPT_PASSWORD = "Dept-Key-Pass-92c4e1f7"
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    """A root cluster and licensing cluster "dept", one running node each."""
+    root_gen = _running_node(tmp_path / "root", sqlite_database(tmp_path / "root"))
+    root = next(root_gen)
+    database = sqlite_database(tmp_path / "dept")
+    credential(root)
+    admin.ensure_cluster(name="dept", role="licensing", key_password=DEPT_PASSWORD,
+                         intranet_url="https://dept.example.com", enrollment_url=root.url,
+                         enrollment_credential=SECRET, **database.admin_args())
+    _result, config_path, _secret = configure_node(database, tmp_path / "dept", root.issuer_dir, cluster="dept",
+                                                   name="d1", key_password=DEPT_PASSWORD)
+    url, process = start_node(config_path, tmp_path / "dept" / "serve.log")
+    try:
+        yield {"root": root, "database": database, "url": url}
+    finally:
+        stop_node(process)
+        root_gen.close()
+
+
+def credential(root):
+    admin.ensure_enrollment_credential(cluster="c1", scope="dept", secret=SECRET, **root.database.admin_args())
+
+
+def dept_key(deployment, **kwargs):
+    args = {"cluster": "dept", "key_password": DEPT_PASSWORD, "enrollment_url": deployment["root"].url,
+            **deployment["database"].admin_args(), **kwargs}
+    return admin.ensure_cluster_key(**args)
+
+
+def dept_cluster(deployment, **kwargs):
+    return admin.ensure_cluster(name="dept", role="licensing", key_password=DEPT_PASSWORD,
+                                intranet_url="https://dept.example.com", enrollment_url=deployment["root"].url,
+                                **deployment["database"].admin_args(), **kwargs)
+
+
+def info(database, name):
+    return admin.cluster_info(name=name, **database.admin_args())
+
+
+def test_compromised_licensing_key_gets_a_new_key_the_root_enrolls(deployment):
+    root, lic = deployment["root"], RmsClient(deployment["url"])
+    alice = User.new("alice@example.com", root.token("alice@example.com"))
+    RmsClient(root.url).certify(alice)
+    old_pl = lic.publish(alice, "dept-doc", encrypt_content(b"d")[0], {"alice@example.com": ["VIEW"]})
+    old_key = old_pl["key_id"]
+    with pytest.raises(RmsdError, match="enrollment_credential"):
+        dept_key(deployment, compromised_keys=[old_key])
+    assert info(deployment["database"], "dept")["cluster"]["active_key_id"] == old_key
+
+    credential(root)
+    done = dept_key(deployment, compromised_keys=[old_key], enrollment_credential=SECRET)
+    new_key = done.facts["active_key_id"]
+    assert done.changed and new_key != old_key
+    dept = info(deployment["database"], "dept")
+    root_info = info(root.database, "c1")
+    assert dept["slc"]["key_id"] == new_key and dept["slc"]["issuer_key_id"] == root_info["cluster"]["active_key_id"]
+    enrolled = {e["key_id"] for e in root_info["enrollments"]}
+    assert {old_key, new_key} <= enrolled
+    assert dept_key(deployment, compromised_keys=[old_key]).changed is False
+
+    with pytest.raises(ServiceError) as refused:
+        lic.license(alice, old_pl["pl"])
+    assert refused.value.status == 410 and "dept-doc" in refused.value.detail
+    fresh = lic.publish(alice, "dept-new", encrypt_content(b"n")[0], {"alice@example.com": ["VIEW"]})
+    assert fresh["key_id"] == new_key
+
+    # The root cluster never certifies the revoked key again, whoever asks.
+    engine = deployment["database"].engine()
+    with engine.connect() as conn:
+        leaked = PasswordKeyProvider(DEPT_PASSWORD).load(clusters.key_row(conn, old_key))
+    engine.dispose()
+    credential(root)
+    with pytest.raises(RmsdError, match="revoked as compromised"):
+        enrollment.enroll(root.url, None, cluster="dept", key=leaked, intranet_url="https://dept.example.com",
+                          extranet_url=None, credential=SECRET,
+                          expected_root=enrollment.fetch_root_slc(root.url, None))
+
+
+def test_reenrollment_is_refused_as_the_remedy_for_a_compromised_key(deployment):
+    active = info(deployment["database"], "dept")["cluster"]["active_key_id"]
+    credential(deployment["root"])
+    dump, root_dump = deployment["database"].dump(), deployment["root"].database.dump()
+    with pytest.raises(RmsdError) as refused:
+        dept_key(deployment, compromised_keys=[active], reenroll=True, enrollment_credential=SECRET)
+    for words in ("re-enrollment is no remedy", "same key pair", "Remove reenroll", "Nothing was changed"):
+        assert words in str(refused.value)
+    assert deployment["database"].dump() == dump and deployment["root"].database.dump() == root_dump
+
+
+def test_reenrollment_renews_the_slc_of_the_same_key(deployment):
+    before = info(deployment["database"], "dept")
+    credential(deployment["root"])
+    done = dept_key(deployment, reenroll=True, enrollment_credential=SECRET)
+    after = info(deployment["database"], "dept")
+    assert done.changed and done.facts["reenrolled"] and done.facts["rotation"] == {}
+    assert after["cluster"]["active_key_id"] == before["cluster"]["active_key_id"]
+    assert after["slc"]["serial"] != before["slc"]["serial"]
+
+
+def test_root_compromise_makes_licensing_clusters_reenroll_and_distrust_the_old_root(deployment):
+    root, lic = deployment["root"], RmsClient(deployment["url"])
+    bob = User.new("bob@example.com", root.token("bob@example.com"))
+    RmsClient(root.url).certify(bob)
+    old_rac = bob.rac_pem
+    pl = lic.publish(bob, "dept-kept", encrypt_content(b"k")[0], {"bob@example.com": ["VIEW"]})
+    old_root = info(root.database, "c1")["cluster"]["active_key_id"]
+    new_root = admin.ensure_cluster_key(cluster="c1", key_password=KEY_PASSWORD, compromised_keys=[old_root],
+                                        **root.database.admin_args()).facts["active_key_id"]
+    assert RmsClient(root.url).slc()["revoked_key_ids"] == [old_root]
+
+    # The licensing cluster's own key is fine: re-enrollment is right for it, and needs a credential.
+    with pytest.raises(RmsdError, match="enrollment_credential"):
+        dept_cluster(deployment)
+    credential(root)
+    check = dept_cluster(deployment, enrollment_credential=SECRET, check_mode=True)
+    assert check.changed and check.diff["after"] == {"slc_issuer_key_id": new_root,
+                                                     "untrusted_root_key_ids": [old_root]}
+    done = dept_cluster(deployment, enrollment_credential=SECRET)
+    dept = info(deployment["database"], "dept")
+    assert done.changed and dept["slc"]["issuer_key_id"] == new_root and dept["untrusted_root_key_ids"] == [old_root]
+    assert dept["cluster"]["active_key_id"] == pl["key_id"]  # same licensing key, new SLC
+    assert dept_cluster(deployment).changed is False
+    served = [pki.load_pem(pem) for pem in lic.slc()["chain"]]
+    assert pki.cert_key_id(served[1]) == new_root and pki.verify_issued_by(served[0], served[1], utcnow())
+
+    time.sleep(ACTIVE_KEY_TTL + 0.5)
+    with pytest.raises(ServiceError) as distrusted:
+        lic.license(bob, pl["pl"])
+    assert distrusted.value.status == 403 and "RAC" in distrusted.value.detail
+    RmsClient(root.url).certify(bob)
+    assert bob.rac_pem != old_rac
+    assert lic.license(bob, pl["pl"])["content_id"] == "dept-kept"
+
+
+KILLER = textwrap.dedent("""
+    import json, os, sys
+    from rmsd import admin
+    result = admin.ensure_cluster_key(cluster="dept", database_url=sys.argv[1], key_password=os.environ["KEY_PASSWORD"],
+                                      compromised_keys=[sys.argv[2]], enrollment_url=sys.argv[3],
+                                      enrollment_credential=os.environ["SECRET"])
+    print(json.dumps({"changed": result.changed, "active": result.facts["active_key_id"]}))
+""")
+
+
+def test_licensing_rotation_killed_after_the_root_enrolled_the_new_key_converges(deployment, tmp_path,
+                                                                                 record_property):
+    """Killed between the root cluster's enrollment of the new key and the licensing cluster's commit:
+    the licensing cluster keeps its old key until the rerun, which enrolls another new key."""
+    old = info(deployment["database"], "dept")["cluster"]["active_key_id"]
+    credential(deployment["root"])
+    script = tmp_path / "rotate.py"
+    script.write_text(KILLER)
+
+    def run(failpoint=None):
+        env = dict(os.environ, KEY_PASSWORD=DEPT_PASSWORD, SECRET=SECRET)
+        env.pop("RMSD_FAILPOINT", None)
+        env.update({"RMSD_FAILPOINT": failpoint} if failpoint else {})
+        return subprocess.run([sys.executable, str(script), deployment["database"].url, old, deployment["root"].url],
+                              env=env, capture_output=True, text=True, timeout=120)
+
+    assert run("rotation.enrolled").returncode == -9
+    after_kill = info(deployment["database"], "dept")["cluster_keys"]
+    assert [(k["id"], k["status"]) for k in after_kill] == [(old, "active")]
+    rerun = run()
+    assert rerun.returncode == 0, rerun.stderr
+    keys = {k["id"]: k["status"] for k in info(deployment["database"], "dept")["cluster_keys"]}
+    new = json.loads(rerun.stdout)["active"]
+    assert keys == {old: "compromised", new: "active"}
+    engine = deployment["database"].engine()
+    with engine.connect() as conn:
+        PasswordKeyProvider(DEPT_PASSWORD).load(clusters.key_row(conn, old))  # the old key is not lost
+    engine.dispose()
+    assert json.loads(run().stdout)["changed"] is False
+    record_property("kill_point", (
+        f"licensing  rotation.enrolled   process killed (SIGKILL) after the root enrolled the new key; keys after "
+        f"the kill: unchanged; rerun changed: True; converged to {sorted(keys.values())}; no key lost"
+    ))
