@@ -49,7 +49,7 @@ class Ansible:
         self.count = 0
 
     def run(self, module: str, params: dict, *, check: bool = False, diff: bool = False,
-            verbosity: int = 0, interpreter: str | None = None) -> Run:
+            verbosity: int = 0, interpreter: str | None = None, env: dict | None = None) -> Run:
         self.count += 1
         result_file = self.workdir / f"result-{self.count}.json"
         playbook = self.workdir / f"play-{self.count}.yml"
@@ -83,7 +83,7 @@ class Ansible:
         if verbosity:
             cmd.append("-" + "v" * verbosity)
         env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0", ANSIBLE_LOCALHOST_WARNING="false",
-                   ANSIBLE_RETRY_FILES_ENABLED="false")
+                   ANSIBLE_RETRY_FILES_ENABLED="false", **(env or {}))
         proc = subprocess.run(cmd, check=False, cwd=self.workdir, env=env, capture_output=True, text=True,
                               timeout=300)
         output = proc.stdout + proc.stderr

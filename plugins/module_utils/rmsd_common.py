@@ -69,8 +69,12 @@ def rmsd_module(argument_spec, **kwargs):
     return module
 
 
-def run_ensure(module, function, *facts):
+def run_ensure(module, function, *facts, **defaults):
     """Call rmsd.admin.<function> with the module's parameters (their names are the function's keyword
-    arguments) and exit with changed, the metadata-only diff and the named facts."""
+    arguments) and exit with changed, the metadata-only diff, rmsd's warnings and the named facts
+    (a fact rmsd did not return is `defaults[fact]`, else an empty dict)."""
     result = call_admin(module, function, check_mode=module.check_mode, **module.params)
-    module.exit_json(**{fact: result.facts.get(fact, {}) for fact in facts}, **result_to_module(result))
+    for warning in result.warnings:
+        module.warn(warning)
+    module.exit_json(**{fact: result.facts.get(fact, defaults.get(fact, {})) for fact in facts},
+                     **result_to_module(result))

@@ -63,6 +63,11 @@ options:
       - The cluster key password. Required with O(state=present).
       - On an existing cluster the module checks that the password opens the active key and fails otherwise.
     type: str
+  previous_key_password:
+    description:
+      - While the cluster key password changes (see M(rmsops.rms.cluster_key)), the password the keys may still be
+        encrypted with; the task accepts either.
+    type: str
   key_size:
     description:
       - Size in bits of the RSA cluster key generated when the cluster is provisioned.
@@ -231,6 +236,7 @@ def main():
             role=dict(type="str", choices=["root", "licensing"], default="root"),
             key_protection=dict(type="str", choices=["password"], default="password"),
             key_password=dict(type="str", no_log=True),
+            previous_key_password=dict(type="str", no_log=True),
             key_size=dict(type="int", choices=[2048, 3072, 4096], default=2048),
             intranet_url=dict(type="str"),
             extranet_url=dict(type="str"),

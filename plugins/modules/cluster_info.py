@@ -124,6 +124,12 @@ cluster_keys:
     age_days:
       description: Age of the key in days.
       type: int
+    status_changed_at:
+      description: When the key got its status (ISO 8601); for a compromised key, when it was revoked.
+      type: str
+    imported_from:
+      description: The cluster whose trusted publishing domain brought the key in, or null.
+      type: str
     wrap_alg:
       description: Algorithm content keys are wrapped to this key with.
       type: str
@@ -169,6 +175,13 @@ root_slc:
       RV(slc.issuer_key_id)); empty for a root cluster.
   returned: always
   type: dict
+untrusted_root_key_ids:
+  description:
+    - For a licensing cluster, the root cluster keys it no longer trusts because the root cluster revoked them as
+      compromised (their SLCs and the RACs they issued are refused); empty for a root cluster.
+  returned: always
+  type: list
+  elements: str
 rights_templates:
   description: The cluster's rights policy templates.
   returned: always
@@ -225,6 +238,11 @@ enrollments:
       type: str
     created_at:
       description: When it was issued (ISO 8601).
+      type: str
+    revoked_at:
+      description:
+        - When the licensing cluster revoked this key as compromised (ISO 8601), or null. The root cluster never
+          enrolls a revoked key again.
       type: str
 """
 

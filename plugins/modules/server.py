@@ -64,6 +64,12 @@ options:
     description:
       - The cluster key password. Required with O(state=present).
     type: str
+  previous_key_password:
+    description:
+      - While the cluster key password changes, the password the keys may still be encrypted with. It goes into
+        the secret file too, so the node opens the keys before and after M(rmsops.rms.cluster_key) re-encrypts
+        them. Leave it out once the change is done; the secret file then holds the new password only.
+    type: str
   identity_issuer:
     description:
       - Issuer (C(iss) claim) of the bearer tokens users authenticate with.
@@ -176,6 +182,7 @@ def main():
             config_path=dict(type="path", required=True),
             secret_path=dict(type="path", required=True),
             key_password=dict(type="str", no_log=True),
+            previous_key_password=dict(type="str", no_log=True),
             identity_issuer=dict(type="str"),
             identity_audience=dict(type="str", default="rmsd"),
             identity_jwks_uri=dict(type="str"),

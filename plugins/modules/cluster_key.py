@@ -1,0 +1,229 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: rmsops.rms contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: cluster_key
+short_description: Revoke compromised RMS cluster keys, roll the active key over, change the key password
+version_added: 0.2.0
+description:
+  - Keeps an RMS cluster's keys as the desired state says. The desired state names the keys that must be revoked
+    (O(compromised_keys)) and how old the active key may be (O(max_age)); it never says "rotate now", so a rerun
+    with the same inputs changes nothing.
+  - A compromised active key is replaced by a B(brand-new key pair) with a new server licensor certificate (SLC);
+    the old key becomes C(compromised) and is never used again. Content published under it is refused and must be
+    republished by its owners (see M(rmsops.rms.compromise_report)).
+  - Re-enrollment is no remedy for a compromised key, because it renews the SLC of the same key pair; asking for
+    O(reenroll) while the active key is listed in O(compromised_keys) fails and changes nothing.
+  - An active key older than O(max_age) days is C(archived) and replaced; content published under an archived key
+    is still licensed.
+  - On a licensing cluster a new key is enrolled with the root cluster, which needs O(enrollment_url) and a fresh
+    O(enrollment_credential); the root cluster never certifies a key revoked as compromised again.
+  - When O(key_password) does not open the keys but O(previous_key_password) does, every key is re-encrypted with
+    O(key_password). The members' secret files must then get the new password (the rmsops.rms.server role writes
+    them); running nodes read it from there.
+  - The rotation happens in one transaction of the configuration database, under the cluster's lock. A run killed at
+    any point leaves the old key in place and a rerun converges; two runs at once perform one rotation.
+  - The module is a thin layer over C(rmsd.admin.ensure_cluster_key); run it where rmsd is importable.
+extends_documentation_fragment:
+  - rmsops.rms.database
+attributes:
+  check_mode:
+    description: Can run in check mode and return changed status prediction without modifying target.
+    support: full
+  diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
+    support: full
+    details: The diff shows key ids and statuses only, never key material or passwords.
+options:
+  cluster:
+    description:
+      - Name of the cluster.
+    type: str
+    required: true
+  key_password:
+    description:
+      - The password the cluster keys must be encrypted with.
+    type: str
+    required: true
+  previous_key_password:
+    description:
+      - The password the keys are encrypted with until now. Only used when O(key_password) does not open the active
+        key yet; then every key is re-encrypted with O(key_password).
+    type: str
+  compromised_keys:
+    description:
+      - Ids of the cluster keys that must be revoked as compromised (as M(rmsops.rms.cluster_info) lists them in
+        C(cluster_keys)). An active key listed here is replaced by a new key pair.
+      - A key once compromised stays so; removing it from the list changes nothing and gives a warning.
+    type: list
+    elements: str
+    default: []
+  max_age:
+    description:
+      - Age in days after which the active key is archived and replaced by a new one (scheduled rollover). No
+        rollover when not set.
+    type: int
+  key_size:
+    description:
+      - Size in bits of a new key; the size of the current key when not set.
+    type: int
+    choices: [2048, 3072, 4096]
+  reenroll:
+    description:
+      - For a licensing cluster, renew the SLC of the active key with the root cluster (the same key pair). This is an
+        action, not a state; every run with it set renews the SLC.
+      - Refused while the active key is listed in O(compromised_keys).
+    type: bool
+    default: false
+  enrollment_url:
+    description:
+      - For a licensing cluster, URL of the root cluster to enroll a new key (or O(reenroll)) with.
+    type: str
+  enrollment_credential:
+    description:
+      - For a licensing cluster, the secret of an enrollment credential the root cluster holds for it
+        (M(rmsops.rms.enrollment_credential)); needed only when a key is enrolled.
+    type: str
+  enrollment_ca_path:
+    description:
+      - CA bundle to verify an https O(enrollment_url) with; the system CAs when omitted.
+    type: path
+seealso:
+  - module: rmsops.rms.cluster_info
+  - module: rmsops.rms.compromise_report
+  - module: rmsops.rms.trusted_publishing_domain
+author:
+  - rmsops.rms maintainers (@rmsops)
+"""
+
+EXAMPLES = r"""
+- name: Revoke a compromised key; a new key pair and SLC replace it
+  rmsops.rms.cluster_key:
+    cluster: corp
+    database_url: postgresql://rms@db.corp.example.com:5432/drms_config_corp
+    database_password: "{{ vault_rms_database_password }}"
+    key_password: "{{ vault_rms_key_password }}"
+    compromised_keys:
+      - 3f1c0e9a7b2d4c6e8f0a1b3c5d7e9f1a2b4c6d8e
+
+- name: Roll the key over once a year
+  rmsops.rms.cluster_key:
+    cluster: corp
+    database_url: postgresql://rms@db.corp.example.com:5432/drms_config_corp
+    database_password: "{{ vault_rms_database_password }}"
+    key_password: "{{ vault_rms_key_password }}"
+    max_age: 365
+
+- name: Change the cluster key password
+  rmsops.rms.cluster_key:
+    cluster: corp
+    database_url: postgresql://rms@db.corp.example.com:5432/drms_config_corp
+    database_password: "{{ vault_rms_database_password }}"
+    key_password: "{{ vault_rms_key_password_2027 }}"
+    previous_key_password: "{{ vault_rms_key_password }}"
+
+- name: Replace a licensing cluster's compromised key; the root cluster enrolls the new one
+  rmsops.rms.cluster_key:
+    cluster: finance
+    database_url: postgresql://rms@db.corp.example.com:5432/drms_config_finance
+    key_password: "{{ vault_rms_finance_key_password }}"
+    compromised_keys: ["{{ finance_leaked_key_id }}"]
+    enrollment_url: https://rms.corp.example.com
+    enrollment_credential: "{{ finance_enrollment_secret }}"
+"""
+
+RETURN = r"""
+cluster_keys:
+  description: The cluster's keys after the task (metadata only).
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    id:
+      description: Key id.
+      type: str
+    status:
+      description: C(active), C(archived) or C(compromised).
+      type: str
+    protection:
+      description: How the key is protected.
+      type: str
+    size:
+      description: Key size in bits.
+      type: int
+    created_at:
+      description: When the key was made (ISO 8601).
+      type: str
+    age_days:
+      description: Age of the key in days.
+      type: int
+    status_changed_at:
+      description: When the key got its status (ISO 8601).
+      type: str
+    imported_from:
+      description: Cluster whose trusted publishing domain brought the key in, or null.
+      type: str
+    wrap_alg:
+      description: JWE algorithm content keys are wrapped to this key with.
+      type: str
+    sign_alg:
+      description: JWS algorithm of this key's signatures.
+      type: str
+active_key_id:
+  description: Id of the active key after the task (before, in check mode).
+  returned: always
+  type: str
+rotation:
+  description: The replacement of the active key this task made (or would make); empty when none.
+  returned: always
+  type: dict
+  contains:
+    reason:
+      description: C(compromised) or C(max_age).
+      type: str
+    retired_key_id:
+      description: The key that was active.
+      type: str
+    new_key_id:
+      description: The new active key (C((new key)) in check mode).
+      type: str
+password_changed:
+  description: Whether the keys were re-encrypted with O(key_password).
+  returned: always
+  type: bool
+reenrolled:
+  description: Whether the SLC of the active key was renewed (O(reenroll)).
+  returned: always
+  type: bool
+"""
+
+from ansible_collections.rmsops.rms.plugins.module_utils.rmsd_common import rmsd_module, run_ensure
+
+
+def main():
+    module = rmsd_module(
+        dict(
+            cluster=dict(type="str", required=True),
+            key_password=dict(type="str", required=True, no_log=True),
+            previous_key_password=dict(type="str", no_log=True),
+            # Key ids, not keys: nothing secret (validate-modules asks because of the name).
+            compromised_keys=dict(type="list", elements="str", default=[], no_log=False),
+            max_age=dict(type="int"),
+            key_size=dict(type="int", choices=[2048, 3072, 4096]),
+            reenroll=dict(type="bool", default=False),
+            enrollment_url=dict(type="str"),
+            enrollment_credential=dict(type="str", no_log=True),
+            enrollment_ca_path=dict(type="path"),
+        ),
+    )
+    run_ensure(module, "ensure_cluster_key", "cluster_keys", "active_key_id", "rotation", "password_changed",
+               "reenrolled", cluster_keys=[], active_key_id="", password_changed=False, reenrolled=False)
+
+
+if __name__ == "__main__":
+    main()

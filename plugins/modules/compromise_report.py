@@ -1,0 +1,174 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: rmsops.rms contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: compromise_report
+short_description: Report content under compromised RMS cluster keys per owner, and notify the owners
+version_added: 0.2.0
+description:
+  - Lists, per content owner, the content published under cluster keys revoked as compromised (see
+    M(rmsops.rms.cluster_key)), each item either C(pending) (still to be republished) or C(republished) (its owner
+    published it again under the new key, superseding the old publishing license). Use of such content is refused.
+  - Writes the report as JSON (O(json_path)) and CSV (O(csv_path)), mode 0640, when it changed; the report holds no
+    time of its own, so an unchanged report is not rewritten.
+  - With O(notify), every owner with content still pending gets one notice per compromised key, rendered from Jinja2
+    templates (built in, or C(owner_notice.subject.j2) and C(owner_notice.txt.j2) in O(template_dir)) and sent
+    over SMTP (O(smtp_host)) or written to O(outbox_dir) as C(.eml) files (0600). A notice is recorded in the
+    configuration database when it went out, so a rerun sends nothing twice and a failed delivery is retried by the
+    next run.
+  - The module is a thin layer over C(rmsd.admin.ensure_compromise_report); run it where rmsd is importable.
+extends_documentation_fragment:
+  - rmsops.rms.database
+attributes:
+  check_mode:
+    description: Can run in check mode and return changed status prediction without modifying target.
+    support: full
+  diff_mode:
+    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
+    support: full
+    details: The diff names the files that are rewritten and the owners that are notified.
+options:
+  cluster:
+    description:
+      - Name of the cluster.
+    type: str
+    required: true
+  json_path:
+    description:
+      - Absolute path of the JSON report.
+    type: path
+  csv_path:
+    description:
+      - Absolute path of the CSV report, one line per content item.
+    type: path
+  notify:
+    description:
+      - Notify the owners of content still to be republished, once per owner and compromised key.
+    type: bool
+    default: false
+  sender:
+    description:
+      - Address the notices come from. Required with O(notify=true).
+    type: str
+  smtp_host:
+    description:
+      - SMTP server the notices are sent through. Give this or O(outbox_dir) with O(notify=true).
+    type: str
+  smtp_port:
+    description:
+      - Port of the SMTP server.
+    type: int
+    default: 25
+  smtp_starttls:
+    description:
+      - Upgrade the SMTP connection with STARTTLS (the server certificate is verified against the system CAs).
+    type: bool
+    default: false
+  smtp_username:
+    description:
+      - User to log in to the SMTP server as, if it requires it.
+    type: str
+  smtp_password:
+    description:
+      - Password of O(smtp_username).
+    type: str
+  outbox_dir:
+    description:
+      - Folder the notices are written to as C(.eml) files, for delivery by other means, instead of SMTP.
+    type: path
+  template_dir:
+    description:
+      - Folder with C(owner_notice.subject.j2) and/or C(owner_notice.txt.j2) that replace the built-in templates.
+        They see C(owner), C(cluster) (C(name), C(intranet_url), C(extranet_url)), C(key) (C(id),
+        C(compromised_at)) and C(items) (C(content_id), C(pl_id), C(published_at)).
+    type: path
+seealso:
+  - module: rmsops.rms.cluster_key
+author:
+  - rmsops.rms maintainers (@rmsops)
+"""
+
+EXAMPLES = r"""
+- name: Write the report of content to republish and tell each owner once
+  rmsops.rms.compromise_report:
+    cluster: corp
+    database_url: postgresql://rms@db.corp.example.com:5432/drms_config_corp
+    database_password: "{{ vault_rms_database_password }}"
+    json_path: /var/lib/rms-reports/corp-compromised.json
+    csv_path: /var/lib/rms-reports/corp-compromised.csv
+    notify: true
+    sender: rms-admins@corp.example.com
+    smtp_host: smtp.corp.example.com
+    smtp_port: 587
+    smtp_starttls: true
+    smtp_username: rms-notices
+    smtp_password: "{{ vault_smtp_password }}"
+  register: compromised
+
+- name: Show what is still to be republished
+  ansible.builtin.debug:
+    msg: "{{ compromised.report.pending }} items pending, {{ compromised.report.republished }} republished"
+"""
+
+RETURN = r"""
+report:
+  description: The report's summary.
+  returned: always
+  type: dict
+  contains:
+    cluster:
+      description: Name of the cluster.
+      type: str
+    compromised_keys:
+      description: The cluster's compromised keys, each with C(id) and C(compromised_at).
+      type: list
+      elements: dict
+    pending:
+      description: Content items still to be republished.
+      type: int
+    republished:
+      description: Content items republished under a new key.
+      type: int
+    owners:
+      description: Per owner, C(owner), C(pending) and C(republished).
+      type: list
+      elements: dict
+notified:
+  description: Owners notified by this task (who would be, in check mode).
+  returned: always
+  type: list
+  elements: str
+"""
+
+from ansible_collections.rmsops.rms.plugins.module_utils.rmsd_common import rmsd_module, run_ensure
+
+
+def main():
+    module = rmsd_module(
+        dict(
+            cluster=dict(type="str", required=True),
+            json_path=dict(type="path"),
+            csv_path=dict(type="path"),
+            notify=dict(type="bool", default=False),
+            sender=dict(type="str"),
+            smtp_host=dict(type="str"),
+            smtp_port=dict(type="int", default=25),
+            smtp_starttls=dict(type="bool", default=False),
+            smtp_username=dict(type="str"),
+            smtp_password=dict(type="str", no_log=True),
+            outbox_dir=dict(type="path"),
+            template_dir=dict(type="path"),
+        ),
+        required_if=[("notify", True, ("sender",)), ("notify", True, ("smtp_host", "outbox_dir"), True)],
+        mutually_exclusive=[("smtp_host", "outbox_dir")],
+    )
+    run_ensure(module, "ensure_compromise_report", "report", "notified", notified=[])
+
+
+if __name__ == "__main__":
+    main()
