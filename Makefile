@@ -75,17 +75,39 @@ lint: venv collection
 sanity: venv
 	scripts/sanity.sh
 
+# Three workers on two cores: much of the time goes to waiting for subprocesses. A test file
+# stays on one worker, with its module-scoped servers.
+PYTEST_ARGS ?= -x -q -n 3 --dist loadfile
+
 pytest: venv collection
-	cd rmsd && $(BIN)/pytest -x -q
-	$(BIN)/pytest -x -q tests
+	cd rmsd && $(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest $(PYTEST_ARGS) tests
+
+# Two lanes side by side (much of a scenario's time is waiting): the multi-node scenarios one after
+# the other (they share rmsd's virtualenv and run the load tests), the single-node ones beside them.
+# Each scenario's output is kept in build/molecule-logs/ and printed whole when it ends.
+MOLECULE_LANES := cluster,key_rotation default,backup_restore
+MOLECULE_LOGS := $(BUILD)/molecule-logs
 
 molecule: venv collection
 	@scenarios=$$(find molecule -mindepth 2 -maxdepth 2 -name molecule.yml -printf '%h\n' | xargs -rn1 basename | sort); \
-	test -n "$$scenarios" || { echo "no Molecule scenarios under molecule/"; exit 1; }; \
-	for s in $$scenarios; do \
-		echo "--- molecule test -s $$s"; \
-		$(BIN)/molecule test -s $$s; \
-	done
+	laned=$$(echo $(MOLECULE_LANES) | tr ', ' '\n\n' | sort); \
+	test -n "$$scenarios" && test "$$scenarios" = "$$laned" || \
+		{ echo "MOLECULE_LANES ($(MOLECULE_LANES)) must name every scenario under molecule/: $$scenarios"; exit 1; }; \
+	mkdir -p $(MOLECULE_LOGS); \
+	pids=""; \
+	for lane in $(MOLECULE_LANES); do \
+		( for s in $${lane//,/ }; do \
+			start=$$(date +%s); \
+			if $(BIN)/molecule test -s $$s > $(MOLECULE_LOGS)/$$s.log 2>&1; then result=passed; else result=failed; fi; \
+			flock $(MOLECULE_LOGS)/.print sh -c "echo '--- molecule test -s $$s'; cat $(MOLECULE_LOGS)/$$s.log; \
+				echo '--- molecule test -s $$s $$result in '$$(( $$(date +%s) - start ))s"; \
+			test $$result = passed || exit 1; \
+		done ) & \
+		pids="$$pids $$!"; \
+	done; \
+	failed=0; for pid in $$pids; do wait $$pid || failed=1; done; \
+	exit $$failed
 
 # The demo node keeps running after `make demo`; stop it before its files go.
 clean:
