@@ -154,12 +154,12 @@ def make_issuer(directory: Path) -> Path:
 
 
 def configure_node(database: Database, directory: Path, issuer_dir: Path, cluster: str = "c1", name: str = "n1",
-                   port: int | None = None, key_password: str = KEY_PASSWORD):
+                   port: int | None = None, key_password: str | None = KEY_PASSWORD, pkcs11: dict | None = None):
     config_path, secret_path = directory / "etc" / f"{name}.toml", directory / "etc" / f"{name}.secret"
     result = admin.ensure_server(
         cluster=cluster, name=name, key_password=key_password, port=port or free_port(),
         config_path=str(config_path), secret_path=str(secret_path), identity_issuer=demo_issuer.ISSUER,
-        identity_audience=demo_issuer.AUDIENCE, identity_jwks_uri=demo_issuer.jwks_uri(issuer_dir),
+        identity_audience=demo_issuer.AUDIENCE, identity_jwks_uri=demo_issuer.jwks_uri(issuer_dir), pkcs11=pkcs11,
         **database.admin_args(),
     )
     return result, config_path, secret_path

@@ -16,13 +16,13 @@ from rmsd import clusters, compromise, db, failpoints, licenses, pki, rotation, 
 from rmsd import enrollment as enrollment_lib
 from rmsd.config import NodeConfig, Secrets, read_text_or_none, write_atomic
 from rmsd.errors import RmsdError
-from rmsd.keys import KEY_SIZES, provider_for
+from rmsd.keys import KEY_SIZES, PROTECTIONS, TokenSettings, provider_for
 from rmsd.schema import utcnow
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ROLES = ("root", "licensing")
 STATES = ("present", "decommissioned", "absent")
-PROTECTIONS = ("password",)
+TOKEN_ACTIONS = ("destroy", "disable")  # what becomes of a compromised key in a PKCS#11 token
 HEARTBEAT_STALE_AFTER = 3  # heartbeats missed before a node counts as down
 
 
@@ -96,12 +96,12 @@ def _cluster_view(conn, row) -> dict:
     }
 
 
-def _open_active_key(conn, row, key_password: str | None, previous_key_password: str | None = None):
-    """Prove the key password opens the active key (RmsdError otherwise). While the password changes,
-    the previous one may open it instead."""
+def _open_active_key(conn, row, key_password: str | None, previous_key_password: str | None = None, token=None):
+    """Prove the key password (or the token) opens the active key (RmsdError otherwise). While the
+    password changes, the previous one may open it instead."""
     key_row = clusters.active_key_row(conn, row.id)
     try:
-        return provider_for(row.key_protection, key_password=key_password).load(key_row)
+        return provider_for(key_row.protection, key_password=key_password, token=token).load(key_row)
     except RmsdError as err:
         if previous_key_password:
             try:
@@ -126,7 +126,7 @@ def _writing(engine, database_url, name):
 def ensure_cluster(
     *, name, database_url, database_password=None, role="root", key_protection="password", key_password=None,
     previous_key_password=None, key_size=2048, intranet_url=None, extranet_url=None, enrollment_url=None,
-    enrollment_credential=None, enrollment_ca_path=None, state="present", force=False, check_mode=False,
+    enrollment_credential=None, enrollment_ca_path=None, pkcs11=None, state="present", force=False, check_mode=False,
 ) -> Result:
     _check_name("cluster name", name)
     if state not in STATES:
@@ -150,14 +150,15 @@ def ensure_cluster(
         elif enrollment_url or enrollment_credential:
             raise RmsdError("enrollment_url and enrollment_credential are for role=licensing only: a root cluster "
                             "certifies itself")
-        provider = provider_for(key_protection, key_password=key_password)
+        token = _token(key_protection, pkcs11, key_password, previous_key_password)
+        provider = provider_for(key_protection, key_password=key_password, token=token)
         wanted = {
             "name": name, "role": role, "state": "decommissioned" if state == "decommissioned" else "provisioned",
             "intranet_url": intranet_url, "extranet_url": extranet_url, "key_protection": key_protection,
             "key_size": key_size,
         }
         enrollment = {"url": enrollment_url, "ca_path": enrollment_ca_path, "credential": enrollment_credential}
-        passwords = (key_password, previous_key_password)
+        passwords = (key_password, previous_key_password, token)
         existing = _read(engine, database_url, lambda conn: _existing_cluster(conn, name, *passwords))
         if existing is None:
             if state == "decommissioned":
@@ -168,7 +169,23 @@ def ensure_cluster(
         engine.dispose()
 
 
-def _existing_cluster(conn, name, key_password, previous_key_password):
+def _token(key_protection, pkcs11, key_password=None, previous_key_password=None) -> TokenSettings | None:
+    """The token settings for key_protection=pkcs11; errors for options that don't fit the protection."""
+    token = TokenSettings.from_options(pkcs11)
+    if key_protection == "pkcs11":
+        if token is None:
+            raise RmsdError("key_protection=pkcs11 needs pkcs11 (module, token_label and pin): the token the cluster "
+                            "keys are generated in. Nothing was changed.")
+        if key_password or previous_key_password:
+            raise RmsdError("key_password is for key_protection=password; the keys of a pkcs11 cluster are opened "
+                            "with the token PIN (pkcs11.pin). Nothing was changed.")
+    elif token is not None:
+        raise RmsdError(f"pkcs11 is for key_protection=pkcs11; this cluster's keys are protected by "
+                        f"{key_protection}. Nothing was changed.")
+    return token
+
+
+def _existing_cluster(conn, name, key_password, previous_key_password, token):
     row = clusters.get_cluster(conn, name)
     if row is None:
         other = clusters.other_cluster(conn, name)
@@ -178,7 +195,7 @@ def _existing_cluster(conn, name, key_password, previous_key_password):
                 f"configuration database: give cluster {name!r} another database_url"
             )
         return None
-    _open_active_key(conn, row, key_password, previous_key_password)
+    _open_active_key(conn, row, key_password, previous_key_password, token)
     revision = conn.info.get("schema_revision_read", db.schema_revision(conn))
     untrusted = clusters.untrusted_root_key_ids(conn, row.id)
     trusted = [pki.cert_key_id(cert) for cert in clusters.trust_anchors(conn, row)] if row.role == "licensing" else []
@@ -324,28 +341,35 @@ def _cluster_absent(engine, database_url, name, force, check_mode) -> Result:
 def ensure_cluster_key(
     *, cluster, database_url, database_password=None, key_password=None, previous_key_password=None,
     compromised_keys=None, max_age=None, key_size=None, reenroll=False, enrollment_url=None,
-    enrollment_credential=None, enrollment_ca_path=None, check_mode=False,
+    enrollment_credential=None, enrollment_ca_path=None, pkcs11=None, compromised_key_in_token=None, check_mode=False,
 ) -> Result:
     """The cluster's keys as desired: the keys listed in `compromised_keys` revoked (an active one is
     replaced by a brand-new key pair and a new SLC), an active key no older than `max_age` days (else
     it is archived and replaced), every key encrypted with `key_password` (`previous_key_password`
     opens them while they are not yet). `reenroll` renews a licensing cluster's SLC for its active key;
     it is refused for a compromised key. A licensing cluster enrolls a new key with the root cluster
-    at `enrollment_url` (with `enrollment_credential`)."""
+    at `enrollment_url` (with `enrollment_credential`). In a pkcs11 cluster (token `pkcs11`), new keys
+    are generated in the token, and `compromised_key_in_token` says whether a compromised key is
+    destroyed there or kept, unable to sign or decrypt ("disable")."""
     _check_name("cluster", cluster)
+    if compromised_key_in_token not in (None, *TOKEN_ACTIONS):
+        raise RmsdError(f"compromised_key_in_token must be one of {', '.join(TOKEN_ACTIONS)}, not "
+                        f"{compromised_key_in_token!r}")
     if max_age is not None and int(max_age) < 1:
         raise RmsdError(f"max_age is the age in days after which the active key is replaced; at least 1, not {max_age}")
     if key_size is not None and key_size not in KEY_SIZES:
         raise RmsdError(f"key_size must be one of {', '.join(map(str, KEY_SIZES))}, not {key_size}")
     desired = rotation.Desired(rotation.check_key_ids(compromised_keys), None if max_age is None else int(max_age),
                                bool(reenroll))
-    passwords = (key_password, previous_key_password)
     engine = _engine(database_url, database_password)
     try:
-        found = _read(engine, database_url, lambda conn: _key_state(conn, cluster, *passwords))
-        if found is None:
+        protection = _read(engine, database_url, lambda conn: getattr(clusters.get_cluster(conn, cluster),
+                                                                      "key_protection", None))
+        if protection is None:
             raise RmsdError(f"cluster {cluster!r} does not exist in {database_url}; provision it first")
-        row, keys, reencrypt = found
+        token = _token(protection, pkcs11, key_password, previous_key_password)
+        passwords = (key_password, previous_key_password, token)
+        row, keys, reencrypt = _read(engine, database_url, lambda conn: _key_state(conn, cluster, *passwords))
         if reenroll and row.role != "licensing":
             raise RmsdError("reenroll is for licensing clusters: a root cluster certifies itself. Nothing was changed.")
         now = utcnow()
@@ -354,8 +378,10 @@ def ensure_cluster_key(
             f"cluster key {k.id} is compromised and stays so: a compromised key is never used again"
             for k in keys if k.status == "compromised" and k.id not in desired.compromised_keys
         ]
+        token_plan = _token_plan(keys, plan, token, compromised_key_in_token)
         if not plan:
-            return Result(changed=False, facts=_key_facts(keys, now), warnings=warnings)
+            result = Result(changed=False, facts=_key_facts(keys, now), warnings=warnings)
+            return _settle_token(result, token_plan, compromised_key_in_token, check_mode)
         enrollment = None
         if row.role == "licensing" and (plan.replace or plan.reenroll):
             _check_url("enrollment_url", enrollment_url, required=True)
@@ -364,27 +390,78 @@ def ensure_cluster_key(
             "before": {"keys": {k.id: k.status for k in keys}, "key_password": "(set)"},
             "after": {"keys": plan.statuses_after(keys), "key_password": "(changed)" if plan.reencrypt else "(set)"},
         }
+        if token is not None:  # the token PIN opens the keys; there is no key password
+            for side in diff.values():
+                del side["key_password"]
         if plan.reenroll:
             diff["after"]["slc"] = "(renewed by the root cluster)"
         if check_mode:
-            return Result(changed=True, diff=diff, facts=_key_facts(keys, now, plan.rotation(keys)), warnings=warnings)
+            result = Result(changed=True, diff=diff, facts=_key_facts(keys, now, plan.rotation(keys)),
+                            warnings=warnings)
+            return _settle_token(result, token_plan, compromised_key_in_token, check_mode)
         keys, plan, rotated = _rotate(engine, database_url, row, desired, plan, passwords, key_size or row.key_size,
                                       enrollment)
         if not plan:  # another run did it meanwhile
-            return Result(changed=False, facts=_key_facts(keys, utcnow()), warnings=warnings)
-        diff["after"]["keys"] = {k.id: k.status for k in keys}
-        return Result(changed=True, diff=diff,
-                      facts=_key_facts(keys, utcnow(), rotated, plan.reencrypt, plan.reenroll), warnings=warnings)
+            result = Result(changed=False, facts=_key_facts(keys, utcnow()), warnings=warnings)
+        else:
+            diff["after"]["keys"] = {k.id: k.status for k in keys}
+            result = Result(changed=True, diff=diff,
+                            facts=_key_facts(keys, utcnow(), rotated, plan.reencrypt, plan.reenroll), warnings=warnings)
+        return _settle_token(result, _token_plan(keys, None, token, compromised_key_in_token), compromised_key_in_token,
+                             check_mode)
     finally:
         engine.dispose()
 
 
-def _key_state(conn, name, key_password, previous_key_password):
+def _token_plan(keys, plan, token, action):
+    """pkcs11: [(key row, state in the token)] of the keys compromised (after `plan`) that the token
+    still holds other than `action` wants. RmsdError when there are any and no action is given."""
+    if token is None:
+        return []
+    provider = provider_for("pkcs11", token=token)
+    compromised = set(plan.compromise) if plan else set()
+    pending = []
+    for key in keys:
+        if key.protection != "pkcs11" or (key.status != "compromised" and key.id not in compromised):
+            continue
+        state = provider.token_state(key)
+        if state == "present" or (state == "disabled" and action == "destroy"):
+            pending.append((key, state))
+    if pending and action is None:
+        ids = ", ".join(k.id for k, _ in pending)
+        raise RmsdError(
+            f"compromised cluster key(s) {ids} can still sign and decrypt in PKCS#11 token {token.token_label!r}: set "
+            "compromised_key_in_token to destroy (the key is gone from the token) or disable (kept, but it can "
+            "neither sign nor decrypt). Nothing was changed."
+        )
+    return [(provider, key, state) for key, state in pending]
+
+
+def _settle_token(result: Result, token_plan, action, check_mode) -> Result:
+    """Destroy or disable the compromised keys `token_plan` lists, after their revocation is committed,
+    so a run killed in between does it on the rerun."""
+    if not token_plan:
+        return result
+    after = {"destroy": "destroyed", "disable": "disabled"}[action]
+    result.changed = True
+    result.diff["before"]["token"] = {key.id: state for _, key, state in token_plan}
+    result.diff["after"]["token"] = {key.id: after for _, key, _ in token_plan}
+    if not check_mode:
+        for provider, key, _ in token_plan:
+            provider.settle_compromised(key, action)
+    result.facts["token"] = result.diff["after"]["token"]
+    return result
+
+
+def _key_state(conn, name, key_password, previous_key_password, token=None):
     """(cluster row, key rows, whether the password must change); RmsdError when neither password opens
     the active key."""
     row = clusters.get_cluster(conn, name)
     if row is None:
         return None
+    if token is not None:
+        _open_active_key(conn, row, None, token=token)
+        return row, clusters.keys_of(conn, row.id), False
     try:
         _open_active_key(conn, row, key_password)
         return row, clusters.keys_of(conn, row.id), False
@@ -413,11 +490,11 @@ def _rotate(engine, database_url, row, desired, plan, passwords, key_size, enrol
     """Carry `plan` out: (keys after, the plan done, the rotation facts); the plan done is empty when
     another run did it meanwhile. The new key pair and a licensing cluster's enrollment come first,
     outside the lock (they are slow); then one transaction under the lock, planned again there."""
-    key_password, previous_key_password = passwords
-    new_provider = provider_for(row.key_protection, key_password=key_password)
+    key_password, previous_key_password, token = passwords
+    new_provider = provider_for(row.key_protection, key_password=key_password, token=token)
     # What opens the stored keys until this run re-encrypts them.
     old_provider = provider_for(row.key_protection, key_password=previous_key_password if plan.reencrypt
-                                else key_password)
+                                else key_password, token=token)
     new_key = new_provider.generate(key_size) if plan.replace else None
     failpoints.reach("rotation.generated")
     slcs = None
@@ -455,13 +532,15 @@ TPD_STATES = ("exported", "imported")
 
 
 def ensure_trusted_publishing_domain(
-    *, cluster, database_url, database_password=None, key_password=None, path, password, state="exported",
-    backup=True, check_mode=False,
+    *, cluster, database_url, database_password=None, key_password=None, pkcs11=None, path, password,
+    state="exported", backup=True, check_mode=False,
 ) -> Result:
     """state=exported: `path` holds the cluster's current TPD, encrypted with `password` (0600). An
     existing file is replaced only when what it holds differs; with `backup` it is kept aside first.
     state=imported: the keys of the TPD at `path` are in the cluster as archived (decrypt-only) keys,
-    with its SLCs, templates and content registry; keys revoked as compromised stay revoked."""
+    with its SLCs, templates and content registry; keys revoked as compromised stay revoked. Keys in a
+    PKCS#11 token (`pkcs11`) are not extractable: the TPD lists them without their private half, and
+    the result warns about each; keys imported into a pkcs11 cluster go into its token."""
     _check_name("cluster", cluster)
     if state not in TPD_STATES:
         raise RmsdError(f"state must be one of {', '.join(TPD_STATES)}, not {state!r}")
@@ -470,21 +549,26 @@ def ensure_trusted_publishing_domain(
     tpd.check_password(password)
     engine = _engine(database_url, database_password)
     try:
+        protection = _read(engine, database_url, lambda conn: getattr(clusters.get_cluster(conn, cluster),
+                                                                      "key_protection", None))
+        unlock = (key_password, _token(protection, pkcs11, key_password) if protection else None)
         if state == "exported":
-            return _tpd_export(engine, database_url, cluster, key_password, Path(path), password, backup, check_mode)
-        return _tpd_import(engine, database_url, cluster, key_password, Path(path), password, check_mode)
+            return _tpd_export(engine, database_url, cluster, unlock, Path(path), password, backup, check_mode)
+        return _tpd_import(engine, database_url, cluster, unlock, Path(path), password, check_mode)
     finally:
         engine.dispose()
 
 
-def _tpd_export(engine, database_url, cluster, key_password, path, password, backup, check_mode) -> Result:
+def _tpd_export(engine, database_url, cluster, unlock, path, password, backup, check_mode) -> Result:
+    key_password, token = unlock
+
     def document(conn):
         row = clusters.get_cluster(conn, cluster)
         if row is None:
             return None
-        _open_active_key(conn, row, key_password)
-        provider = provider_for(row.key_protection, key_password=key_password)
-        return tpd.build(conn, row, provider.load, password, utcnow())
+        _open_active_key(conn, row, key_password, token=token)
+        return tpd.build(conn, row, lambda key: provider_for(key.protection, key_password=key_password,
+                                                             token=token).load(key), password, utcnow())
 
     wanted = _read(engine, database_url, document)
     if wanted is None:
@@ -501,9 +585,11 @@ def _tpd_export(engine, database_url, cluster, key_password, path, password, bac
                 "may be the only copy of older keys: set backup=true to keep it aside, or move it. Nothing was changed."
             )
     facts = {"tpd": dict(tpd.summary(wanted), path=str(path)), "backup_file": None}
+    warnings = [f"cluster key {k['id']} is not in the export: {k['not_exported']}" for k in wanted["keys"]
+                if k["not_exported"] and k["status"] != "compromised"]
     unchanged = existing is not None and tpd.manifest(existing) == tpd.manifest(wanted) and _mode(path) == 0o600
     if unchanged:
-        return Result(changed=False, facts=facts)
+        return Result(changed=False, facts=facts, warnings=warnings)
     before = {"path": str(path), "state": "absent"} if not path.exists() else (
         dict(tpd.summary(existing), path=str(path)) if existing else {"path": str(path), "state": "unreadable"})
     diff = {"before": before, "after": facts["tpd"]}
@@ -511,7 +597,7 @@ def _tpd_export(engine, database_url, cluster, key_password, path, password, bac
         if path.exists() and backup:
             facts["backup_file"] = _backup(path)
         write_atomic(path, tpd.seal(wanted, password) + "\n", 0o600)
-    return Result(changed=True, diff=diff, facts=facts)
+    return Result(changed=True, diff=diff, facts=facts, warnings=warnings)
 
 
 def _backup(path: Path) -> str:
@@ -522,7 +608,8 @@ def _backup(path: Path) -> str:
     return str(target)
 
 
-def _tpd_import(engine, database_url, cluster, key_password, path, password, check_mode) -> Result:
+def _tpd_import(engine, database_url, cluster, unlock, path, password, check_mode) -> Result:
+    key_password, token = unlock
     try:
         document = tpd.unseal(path.read_text(), password)
     except FileNotFoundError:
@@ -534,7 +621,7 @@ def _tpd_import(engine, database_url, cluster, key_password, path, password, che
         row = clusters.get_cluster(conn, cluster)
         if row is None:
             return None
-        _open_active_key(conn, row, key_password)
+        _open_active_key(conn, row, key_password, token=token)
         return tpd.import_plan(conn, row, document)
 
     plan = _read(engine, database_url, planned)
@@ -549,7 +636,7 @@ def _tpd_import(engine, database_url, cluster, key_password, path, password, che
         with _writing(engine, database_url, cluster) as conn:
             row = clusters.get_cluster(conn, cluster)
             plan = tpd.import_plan(conn, row, document)  # again, under the lock
-            provider = provider_for(row.key_protection, key_password=key_password)
+            provider = provider_for(row.key_protection, key_password=key_password, token=token)
             tpd.apply_import(conn, row, document, plan, provider, password, utcnow())
         facts["imported"] = plan
     return Result(changed=True, diff=diff, facts=facts, warnings=warnings)
@@ -758,8 +845,10 @@ def _template_view(row) -> dict:
 def ensure_server(
     *, cluster, name, database_url, database_password=None, key_password=None, previous_key_password=None,
     listen_address="127.0.0.1", port=8080, config_path, secret_path, identity_issuer=None, identity_audience="rmsd",
-    identity_jwks_uri=None, state="present", check_mode=False,
+    identity_jwks_uri=None, pkcs11=None, state="present", check_mode=False,
 ) -> Result:
+    """A node of `cluster`: registered, with its configuration file and its 0600 secret file. A node of
+    a pkcs11 cluster gets the token (`pkcs11`: module, token_label, pin; the PIN goes to the secret file)."""
     _check_name("cluster", cluster)
     _check_name("server name", name)
     for what, path in (("config_path", config_path), ("secret_path", secret_path)):
@@ -777,13 +866,15 @@ def ensure_server(
             raise RmsdError(f"listen_address {listen_address!r} is not an IP address") from None
         if not 1 <= int(port) <= 65535:
             raise RmsdError(f"port {port} is out of range 1-65535")
+        token = TokenSettings.from_options(pkcs11)
         config = NodeConfig(
             name=name, cluster=cluster, database_url=database_url, listen_address=listen_address, port=int(port),
             secret_path=secret_path, identity_issuer=identity_issuer, identity_audience=identity_audience,
-            identity_jwks_uri=identity_jwks_uri,
+            identity_jwks_uri=identity_jwks_uri, pkcs11_module=token and token.module,
+            pkcs11_token_label=token and token.token_label,
         )
         secrets = Secrets(key_password=key_password, previous_key_password=previous_key_password or None,
-                          database_password=database_password)
+                          database_password=database_password, pkcs11_pin=token and token.pin)
         return _server_present(engine, database_url, config, config_path, secrets, check_mode)
     finally:
         engine.dispose()
@@ -794,7 +885,8 @@ def _server_present(engine, database_url, config: NodeConfig, config_path, secre
         row = clusters.get_cluster(conn, config.cluster)
         if row is None:
             return None
-        _open_active_key(conn, row, secrets.key_password, secrets.previous_key_password)
+        token = TokenSettings.for_node(config, secrets)
+        _open_active_key(conn, row, secrets.key_password, secrets.previous_key_password, token)
         for other in clusters.servers_of(conn, row.id):
             if other.name != config.name and (other.listen_address, other.port) == (
                 config.listen_address, config.port,

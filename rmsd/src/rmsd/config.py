@@ -23,6 +23,10 @@ class NodeConfig:
     identity_audience: str = "rmsd"
     identity_jwks_uri: str | None = None
     heartbeat_seconds: int = 10
+    # Cluster keys in a PKCS#11 token (key_protection pkcs11): the module and the token's label;
+    # the PIN is a secret.
+    pkcs11_module: str | None = None
+    pkcs11_token_label: str | None = None
 
     @property
     def url(self) -> str:
@@ -38,6 +42,7 @@ class Secrets:
     # While the cluster key password changes: the one the keys may still be encrypted with.
     previous_key_password: str | None = None
     database_password: str | None = None
+    pkcs11_pin: str | None = None
 
     @property
     def key_passwords(self) -> list[str]:

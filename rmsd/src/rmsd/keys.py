@@ -157,7 +157,41 @@ class PasswordKeyProvider(KeyProvider):
         return key
 
 
-def provider_for(protection: str, *, key_password: str | None = None) -> KeyProvider:
+PROTECTIONS = ("password", "pkcs11")
+
+
+@dataclass(frozen=True)
+class TokenSettings:
+    """Where a cluster's keys live: the PKCS#11 module (a shared library), the token label, the PIN."""
+
+    module: str
+    token_label: str
+    pin: str = field(repr=False)
+
+    @classmethod
+    def from_options(cls, options: dict | None) -> "TokenSettings | None":
+        if not options:
+            return None
+        missing = [k for k in ("module", "token_label", "pin") if not options.get(k)]
+        if missing:
+            raise RmsdError(f"pkcs11 needs module, token_label and pin; missing: {', '.join(missing)}")
+        return cls(options["module"], options["token_label"], options["pin"])
+
+    @classmethod
+    def for_node(cls, config, secrets) -> "TokenSettings | None":
+        """The token of a node set up for one (NodeConfig, Secrets)."""
+        if not config.pkcs11_module:
+            return None
+        return cls(config.pkcs11_module, config.pkcs11_token_label or "", secrets.pkcs11_pin or "")
+
+
+def provider_for(protection: str, *, key_password: str | None = None, token=None) -> KeyProvider:
+    """The provider of `protection`: "password" opens keys with `key_password`, "pkcs11" uses the
+    token of `token` (TokenSettings)."""
     if protection == "password":
         return PasswordKeyProvider(key_password)
-    raise RmsdError(f"key_protection {protection!r} is not supported; use 'password'")
+    if protection == "pkcs11":
+        from rmsd.hsm import Pkcs11KeyProvider  # loads python-pkcs11 only where a token is used
+
+        return Pkcs11KeyProvider(token)
+    raise RmsdError(f"key_protection {protection!r} is not supported; use one of {', '.join(PROTECTIONS)}")

@@ -27,7 +27,7 @@ from rmsd.errors import (
     RmsdError,
 )
 from rmsd.identity import Principal, TokenVerifier
-from rmsd.keys import ClusterKey, provider_for
+from rmsd.keys import ClusterKey, TokenSettings, provider_for
 from rmsd.schema import utcnow
 
 log = logging.getLogger("rmsd")
@@ -55,6 +55,7 @@ class Node:
         secrets = load_secrets(config.secret_path)
         self.engine = db.make_engine(config.database_url, secrets.database_password)
         self._key_passwords = secrets.key_passwords
+        self._token = TokenSettings.for_node(config, secrets)
         self.started_at = utcnow()
         self.verifier = (
             TokenVerifier(config.identity_issuer, config.identity_audience, config.identity_jwks_uri)
@@ -85,7 +86,10 @@ class Node:
         return self._keys[key_id]
 
     def _open(self, row) -> ClusterKey:
-        """Open a stored key with the key password, or with the previous one during a change."""
+        """Open a stored key with the key password, or with the previous one during a change; a token
+        key in the token."""
+        if row.protection == "pkcs11":
+            return provider_for(row.protection, token=self._token).load(row)
         *first, last = self._key_passwords or [None]
         for password in first:
             try:
