@@ -39,6 +39,20 @@ def database_argument_spec():
     )
 
 
+def pkcs11_argument_spec():
+    """The token option of clusters with key_protection=pkcs11; documented by the rmsops.rms.pkcs11 fragment."""
+    return dict(
+        pkcs11=dict(
+            type="dict",
+            options=dict(
+                module=dict(type="path", required=True),
+                token_label=dict(type="str", required=True),
+                pin=dict(type="str", required=True, no_log=True),
+            ),
+        ),
+    )
+
+
 def require_rmsd(module):
     """Fail with a hint on how to install rmsd rather than with a traceback."""
     if RMSD_IMPORT_ERROR is not None:

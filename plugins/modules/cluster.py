@@ -26,6 +26,7 @@ description:
   - The module is a thin layer over C(rmsd.admin.ensure_cluster); run it where rmsd is importable.
 extends_documentation_fragment:
   - rmsops.rms.database
+  - rmsops.rms.pkcs11
 attributes:
   check_mode:
     description: Can run in check mode and return changed status prediction without modifying target.
@@ -55,12 +56,16 @@ options:
       - How the cluster key is protected.
       - V(password) stores the private key in the configuration database, encrypted with O(key_password);
         each server holds the password in a secret file readable by its owner only.
+      - V(pkcs11) generates the key inside the PKCS#11 token given in O(pkcs11) (an HSM), where it signs and
+        unwraps content keys and from which it cannot be read out. The configuration database holds the public key
+        and the token and key labels only; each server holds the token PIN in its secret file.
     type: str
-    choices: [password]
+    choices: [password, pkcs11]
     default: password
   key_password:
     description:
-      - The cluster key password. Required with O(state=present).
+      - The cluster key password. Required with O(state=present) when O(key_protection=password); not used with
+        O(key_protection=pkcs11).
       - On an existing cluster the module checks that the password opens the active key and fails otherwise.
     type: str
   previous_key_password:
@@ -226,7 +231,11 @@ cluster:
       type: str
 """
 
-from ansible_collections.rmsops.rms.plugins.module_utils.rmsd_common import rmsd_module, run_ensure
+from ansible_collections.rmsops.rms.plugins.module_utils.rmsd_common import (
+    pkcs11_argument_spec,
+    rmsd_module,
+    run_ensure,
+)
 
 
 def main():
@@ -234,7 +243,7 @@ def main():
         dict(
             name=dict(type="str", required=True),
             role=dict(type="str", choices=["root", "licensing"], default="root"),
-            key_protection=dict(type="str", choices=["password"], default="password"),
+            key_protection=dict(type="str", choices=["password", "pkcs11"], default="password"),
             key_password=dict(type="str", no_log=True),
             previous_key_password=dict(type="str", no_log=True),
             key_size=dict(type="int", choices=[2048, 3072, 4096], default=2048),
@@ -245,10 +254,12 @@ def main():
             enrollment_ca_path=dict(type="path"),
             state=dict(type="str", choices=["present", "decommissioned", "absent"], default="present"),
             force=dict(type="bool", default=False),
+            **pkcs11_argument_spec(),
         ),
         required_if=[
-            ("state", "present", ("key_password", "intranet_url")),
-            ("state", "decommissioned", ("key_password", "intranet_url")),
+            ("state", "present", ("intranet_url",)),
+            ("state", "decommissioned", ("intranet_url",)),
+            ("key_protection", "pkcs11", ("pkcs11",)),
             ("role", "licensing", ("enrollment_url",)),
         ],
     )

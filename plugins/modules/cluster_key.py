@@ -31,6 +31,7 @@ description:
   - The module is a thin layer over C(rmsd.admin.ensure_cluster_key); run it where rmsd is importable.
 extends_documentation_fragment:
   - rmsops.rms.database
+  - rmsops.rms.pkcs11
 attributes:
   check_mode:
     description: Can run in check mode and return changed status prediction without modifying target.
@@ -47,14 +48,24 @@ options:
     required: true
   key_password:
     description:
-      - The password the cluster keys must be encrypted with.
+      - The password the cluster keys must be encrypted with (O(key_protection=password) clusters, see
+        M(rmsops.rms.cluster)). Give either this or O(pkcs11).
     type: str
-    required: true
   previous_key_password:
     description:
       - The password the keys are encrypted with until now. Only used when O(key_password) does not open the active
         key yet; then every key is re-encrypted with O(key_password).
     type: str
+  compromised_key_in_token:
+    description:
+      - For a cluster whose keys are in a PKCS#11 token (O(pkcs11)): what becomes of a compromised key in the token
+        once its revocation is stored.
+      - V(destroy) deletes the key from the token. V(disable) keeps it (for forensics), with signing, decryption
+        and unwrapping switched off.
+      - Required as soon as a compromised key can still sign or decrypt in the token; the task fails, changing
+        nothing, until it is set. A run stopped after the revocation settles the token on the rerun.
+    type: str
+    choices: [destroy, disable]
   compromised_keys:
     description:
       - Ids of the cluster keys that must be revoked as compromised (as M(rmsops.rms.cluster_info) lists them in
@@ -110,6 +121,19 @@ EXAMPLES = r"""
     key_password: "{{ vault_rms_key_password }}"
     compromised_keys:
       - 3f1c0e9a7b2d4c6e8f0a1b3c5d7e9f1a2b4c6d8e
+
+- name: Replace a compromised key held in an HSM; the new key is generated in the same token
+  rmsops.rms.cluster_key:
+    cluster: corp
+    database_url: postgresql://rms@db.corp.example.com:5432/drms_config_corp
+    database_password: "{{ vault_rms_database_password }}"
+    pkcs11:
+      module: /usr/lib/softhsm/libsofthsm2.so
+      token_label: rms-corp
+      pin: "{{ vault_rms_token_pin }}"
+    compromised_keys:
+      - 3f1c0e9a7b2d4c6e8f0a1b3c5d7e9f1a2b4c6d8e
+    compromised_key_in_token: destroy
 
 - name: Roll the key over once a year
   rmsops.rms.cluster_key:
@@ -200,16 +224,26 @@ reenrolled:
   description: Whether the SLC of the active key was renewed (O(reenroll)).
   returned: always
   type: bool
+token:
+  description:
+    - Compromised keys this task destroyed or disabled in the PKCS#11 token (O(compromised_key_in_token)), key id to
+      C(destroyed) or C(disabled). Empty when none.
+  returned: always
+  type: dict
 """
 
-from ansible_collections.rmsops.rms.plugins.module_utils.rmsd_common import rmsd_module, run_ensure
+from ansible_collections.rmsops.rms.plugins.module_utils.rmsd_common import (
+    pkcs11_argument_spec,
+    rmsd_module,
+    run_ensure,
+)
 
 
 def main():
     module = rmsd_module(
         dict(
             cluster=dict(type="str", required=True),
-            key_password=dict(type="str", required=True, no_log=True),
+            key_password=dict(type="str", no_log=True),
             previous_key_password=dict(type="str", no_log=True),
             # Key ids, not keys: nothing secret (validate-modules asks because of the name).
             compromised_keys=dict(type="list", elements="str", default=[], no_log=False),
@@ -219,10 +253,14 @@ def main():
             enrollment_url=dict(type="str"),
             enrollment_credential=dict(type="str", no_log=True),
             enrollment_ca_path=dict(type="path"),
+            compromised_key_in_token=dict(type="str", choices=["destroy", "disable"]),
+            **pkcs11_argument_spec(),
         ),
+        required_one_of=[("key_password", "pkcs11")],
+        mutually_exclusive=[("key_password", "pkcs11"), ("previous_key_password", "pkcs11")],
     )
     run_ensure(module, "ensure_cluster_key", "cluster_keys", "active_key_id", "rotation", "password_changed",
-               "reenrolled", cluster_keys=[], active_key_id="", password_changed=False, reenrolled=False)
+               "reenrolled", "token", cluster_keys=[], active_key_id="", password_changed=False, reenrolled=False)
 
 
 if __name__ == "__main__":

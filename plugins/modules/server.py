@@ -13,13 +13,14 @@ version_added: 0.1.0
 description:
   - Registers an RMS server (node) in its cluster's configuration database and writes the node's configuration
     file and secret file, or removes both and deregisters the node.
-  - Before joining, the module checks that O(key_password) opens the cluster's active key; a wrong password fails
-    and changes nothing.
+  - Before joining, the module checks that O(key_password) (or, for a cluster whose keys are in a PKCS#11 token,
+    O(pkcs11)) opens the cluster's active key; a wrong password or PIN fails and changes nothing.
   - The module does not start or restart the service; it returns RV(config_changed) so the caller knows the running
     service must restart. The C(rmsops.rms.server) role does both.
   - The module is a thin layer over C(rmsd.admin.ensure_server); run it where rmsd is importable.
 extends_documentation_fragment:
   - rmsops.rms.database
+  - rmsops.rms.pkcs11
 attributes:
   check_mode:
     description: Can run in check mode and return changed status prediction without modifying target.
@@ -62,7 +63,8 @@ options:
     required: true
   key_password:
     description:
-      - The cluster key password. Required with O(state=present).
+      - The cluster key password. With O(state=present), either this or O(pkcs11) is required.
+      - With O(pkcs11), the server's configuration names the module and token, and its secret file holds the PIN.
     type: str
   previous_key_password:
     description:
@@ -167,6 +169,7 @@ config_changed:
 
 from ansible_collections.rmsops.rms.plugins.module_utils.rmsd_common import (
     call_admin,
+    pkcs11_argument_spec,
     result_to_module,
     rmsd_module,
 )
@@ -187,8 +190,10 @@ def main():
             identity_audience=dict(type="str", default="rmsd"),
             identity_jwks_uri=dict(type="str"),
             state=dict(type="str", choices=["present", "absent"], default="present"),
+            **pkcs11_argument_spec(),
         ),
-        required_if=[("state", "present", ("key_password",))],
+        required_if=[("state", "present", ("key_password", "pkcs11"), True)],
+        mutually_exclusive=[("key_password", "pkcs11")],
     )
     result = call_admin(module, "ensure_server", check_mode=module.check_mode, **module.params)
     module.exit_json(

@@ -24,6 +24,7 @@ description:
   - The module is a thin layer over C(rmsd.admin.ensure_trusted_publishing_domain); run it where rmsd is importable.
 extends_documentation_fragment:
   - rmsops.rms.database
+  - rmsops.rms.pkcs11
 attributes:
   check_mode:
     description: Can run in check mode and return changed status prediction without modifying target.
@@ -40,9 +41,11 @@ options:
     required: true
   key_password:
     description:
-      - The cluster key password, which opens the keys to export and encrypts the imported keys.
+      - The cluster key password, which opens the keys to export and encrypts the imported keys. Give either this or
+        O(pkcs11) (a cluster whose keys are in a PKCS#11 token).
+      - Keys in a token are not extractable: an export lists them without their private key and warns about each
+        (back such keys up with the HSM's own tools). Imported keys go into the token.
     type: str
-    required: true
   path:
     description:
       - Absolute path of the TPD file on the host the module runs on.
@@ -135,19 +138,26 @@ imported:
   type: dict
 """
 
-from ansible_collections.rmsops.rms.plugins.module_utils.rmsd_common import rmsd_module, run_ensure
+from ansible_collections.rmsops.rms.plugins.module_utils.rmsd_common import (
+    pkcs11_argument_spec,
+    rmsd_module,
+    run_ensure,
+)
 
 
 def main():
     module = rmsd_module(
         dict(
             cluster=dict(type="str", required=True),
-            key_password=dict(type="str", required=True, no_log=True),
+            key_password=dict(type="str", no_log=True),
             path=dict(type="path", required=True),
             password=dict(type="str", required=True, no_log=True),
             state=dict(type="str", choices=["exported", "imported"], default="exported"),
             backup=dict(type="bool", default=True),
+            **pkcs11_argument_spec(),
         ),
+        required_one_of=[("key_password", "pkcs11")],
+        mutually_exclusive=[("key_password", "pkcs11")],
     )
     run_ensure(module, "ensure_trusted_publishing_domain", "tpd", "backup_file", "imported", backup_file=None)
 
