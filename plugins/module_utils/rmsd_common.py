@@ -46,7 +46,8 @@ def pkcs11_argument_spec():
             type="dict",
             options=dict(
                 module=dict(type="path", required=True),
-                token_label=dict(type="str", required=True),
+                # A label, not a secret (validate-modules asks because of the name).
+                token_label=dict(type="str", required=True, no_log=False),
                 pin=dict(type="str", required=True, no_log=True),
             ),
         ),

@@ -48,7 +48,7 @@ options:
     required: true
   key_password:
     description:
-      - The password the cluster keys must be encrypted with (O(key_protection=password) clusters, see
+      - The password the cluster keys must be encrypted with (C(key_protection=password) clusters, see
         M(rmsops.rms.cluster)). Give either this or O(pkcs11).
     type: str
   previous_key_password:
@@ -58,7 +58,7 @@ options:
     type: str
   compromised_key_in_token:
     description:
-      - For a cluster whose keys are in a PKCS#11 token (O(pkcs11)): what becomes of a compromised key in the token
+      - For a cluster whose keys are in a PKCS#11 token (O(pkcs11)), what becomes of a compromised key in the token
         once its revocation is stored.
       - V(destroy) deletes the key from the token. V(disable) keeps it (for forensics), with signing, decryption
         and unwrapping switched off.

@@ -43,7 +43,7 @@ options:
     description:
       - The cluster key password, which opens the keys to export and encrypts the imported keys. Give either this or
         O(pkcs11) (a cluster whose keys are in a PKCS#11 token).
-      - Keys in a token are not extractable: an export lists them without their private key and warns about each
+      - Keys in a token are not extractable; an export lists them without their private key and warns about each
         (back such keys up with the HSM's own tools). Imported keys go into the token.
     type: str
   path:
