@@ -320,3 +320,26 @@ def test_content_published_under_a_destroyed_key_is_refused(hsm_node):
     pl2 = client.publish(alice, "doc-new", new_key, {"alice@example.com": ["VIEW"]})["pl"]
     _claims, opened = open_use_license(client.license(alice, pl2)["ul"], client.slc()["chain"][0], alice)
     assert decrypt_content(opened, blob) == b"after"
+
+
+def test_concurrent_requests_share_the_token_safely(hsm_node):
+    """A node's request threads share one token session: many use licenses at once all succeed, and the
+    node stays up."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rmsd import demo_issuer
+
+    client = RmsClient(hsm_node["url"])
+    alice = User.new("alice@example.com", demo_issuer.token(hsm_node["issuer"], "alice@example.com"))
+    client.certify(alice)
+    content_key, _blob = encrypt_content(b"busy")
+    pl = client.publish(alice, "doc-busy", content_key, {"alice@example.com": ["VIEW"]})["pl"]
+
+    def licenses(_worker):
+        worker_client = RmsClient(hsm_node["url"])
+        return [bool(worker_client.license(alice, pl)["ul"]) for _ in range(15)]
+
+    with ThreadPoolExecutor(8) as pool:
+        results = [ok for batch in pool.map(licenses, range(8)) for ok in batch]
+    assert results == [True] * 120
+    assert client.health()["status"] == "ok"

@@ -4,6 +4,7 @@ A key is generated inside the token, sensitive and not extractable; the configur
 its public key and the token and key labels only. Signing and unwrapping content keys happen in the
 token. Every member of a cluster opens the same token with the same PIN."""
 
+import functools
 import secrets
 import threading
 
@@ -37,17 +38,19 @@ _OAEP = {
 
 
 class _Token:
-    """One logged-in session per token and process (PKCS#11 login is per process). python-pkcs11
-    serialises the operations of a session, so the threads of a node share it."""
+    """One logged-in session per token and process (PKCS#11 login is per process), shared by the
+    threads of a node."""
 
     _libs: dict[str, pkcs11.lib] = {}
     _sessions: dict[tuple[str, str], tuple[pkcs11.Session, str]] = {}
-    _lock = threading.Lock()
+    # python-pkcs11 initializes a module with C_Initialize(NULL), which tells it that no two threads
+    # call it at once: every call into the module holds this lock (SoftHSM2 crashes otherwise).
+    calls = threading.RLock()
 
     @classmethod
     def session(cls, settings: TokenSettings) -> pkcs11.Session:
         key = (settings.module, settings.token_label)
-        with cls._lock:
+        with cls.calls:
             if key in cls._sessions:
                 session, pin = cls._sessions[key]
                 if pin != settings.pin:
@@ -86,6 +89,17 @@ class _Token:
         raise RmsdError(f"no PKCS#11 token labelled {settings.token_label!r} in {settings.module}")
 
 
+def _serialized(method):
+    """Run `method` holding the module lock (see _Token.calls)."""
+
+    @functools.wraps(method)
+    def locked(*args, **kwargs):
+        with _Token.calls:
+            return method(*args, **kwargs)
+
+    return locked
+
+
 def _public_key(token_public) -> rsa.RSAPublicKey:
     return rsa.RSAPublicNumbers(
         int.from_bytes(token_public[Attribute.PUBLIC_EXPONENT], "big"),
@@ -104,14 +118,17 @@ class _TokenPrivateKey(rsa.RSAPrivateKey):
     def sign(self, data, pad, algorithm):
         if not isinstance(pad, padding.PKCS1v15) or not isinstance(algorithm, hashes.SHA256):
             raise RmsdError("a token cluster key signs RSASSA-PKCS1-v1_5 with SHA-256 only")
-        return self._handle.sign(data, mechanism=Mechanism.SHA256_RSA_PKCS)
+        with _Token.calls:
+            return self._handle.sign(data, mechanism=Mechanism.SHA256_RSA_PKCS)
 
     def decrypt(self, ciphertext, pad):
         name = pad.algorithm.name.upper().replace("-", "") if isinstance(pad, padding.OAEP) else None
         if name not in _OAEP:
             raise RmsdError("a token cluster key decrypts RSA-OAEP (SHA-1 or SHA-256) only")
         digest, mgf = _OAEP[name]
-        return self._handle.decrypt(ciphertext, mechanism=Mechanism.RSA_PKCS_OAEP, mechanism_param=(digest, mgf, None))
+        with _Token.calls:
+            return self._handle.decrypt(ciphertext, mechanism=Mechanism.RSA_PKCS_OAEP,
+                                        mechanism_param=(digest, mgf, None))
 
     @property
     def key_size(self):
@@ -184,6 +201,7 @@ class Pkcs11KeyProvider(KeyProvider):
     def _session(self):
         return _Token.session(self.settings)
 
+    @_serialized
     def generate(self, size):
         if size not in KEY_SIZES:
             raise RmsdError(f"key_size must be one of {', '.join(map(str, KEY_SIZES))}, not {size}")
@@ -198,6 +216,7 @@ class Pkcs11KeyProvider(KeyProvider):
         )
         return self._new_key(label, private, _public_key(public))
 
+    @_serialized
     def adopt(self, private_key):
         """Bring a key from a trusted publishing domain into the token, as not extractable from then on."""
         label = f"rmsd-{secrets.token_hex(8)}"
@@ -232,6 +251,7 @@ class Pkcs11KeyProvider(KeyProvider):
             raise RmsdError(f"PKCS#11 token {row.token_label!r} holds {len(found)} keys labelled {row.key_label!r}")
         return found[0] if found else None
 
+    @_serialized
     def load(self, row):
         handle = self._find(row)
         if handle is None:
@@ -241,6 +261,7 @@ class Pkcs11KeyProvider(KeyProvider):
             raise RmsdError(f"the token key labelled {row.key_label!r} is not cluster key {row.id}")
         return TokenKey(handle, stored, row.wrap_alg, row.token_label)
 
+    @_serialized
     def token_state(self, row) -> str:
         """present, disabled (can neither sign nor decrypt) or destroyed."""
         handle = self._find(row)
@@ -250,6 +271,7 @@ class Pkcs11KeyProvider(KeyProvider):
             return "present"
         return "disabled"
 
+    @_serialized
     def settle_compromised(self, row, action: str) -> None:
         """What becomes of a compromised key in the token: destroyed, or kept but unable to sign or decrypt."""
         handle = self._find(row)
