@@ -91,7 +91,7 @@ def test_key_size_change_is_refused_with_the_way_forward(database):
     assert database.dump() == dump
 
 
-@pytest.mark.parametrize(("option", "value"), [("role", "primary"), ("key_protection", "pkcs11")])
+@pytest.mark.parametrize(("option", "value"), [("role", "primary"), ("key_protection", "tpm")])
 def test_unsupported_role_or_protection_is_refused(database, option, value):
     provision(database)
     dump = database.dump()
