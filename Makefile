@@ -86,9 +86,11 @@ pytest: venv collection
 	cd rmsd && $(BIN)/pytest $(PYTEST_ARGS)
 	$(BIN)/pytest $(PYTEST_ARGS) tests
 
-# Two lanes side by side (much of a scenario's time is waiting): the multi-node scenarios one after
-# the other (they share rmsd's virtualenv and run the load tests), the single-node ones beside them.
-# Each scenario's output is kept in build/molecule-logs/ and printed whole when it ends.
+# Two lanes side by side (much of a scenario's time is waiting): cluster and key_rotation one after
+# the other, the single-node scenarios beside them, then hsm. cluster, key_rotation and hsm share
+# rmsd's virtualenv under build/: cluster installs it first, and hsm starts minutes later, when the
+# install is a check that changes nothing. Each scenario's output is kept in build/molecule-logs/
+# and printed whole when it ends.
 MOLECULE_LANES := cluster,key_rotation default,backup_restore,hsm
 MOLECULE_LOGS := $(BUILD)/molecule-logs
 
