@@ -89,8 +89,12 @@ nodes:
       description: Port the service listens on.
       type: int
     url:
-      description: URL of the server's HTTP service.
+      description: URL of the server's service, C(https://) when it serves HTTPS.
       type: str
+      sample: https://127.0.0.1:8080
+    tls:
+      description: Whether the server serves HTTPS (it joined with a TLS certificate and key).
+      type: bool
     joined_at:
       description: When the server joined (ISO 8601).
       type: str

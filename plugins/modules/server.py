@@ -15,6 +15,9 @@ description:
     file and secret file, or removes both and deregisters the node.
   - Before joining, the module checks that O(key_password) (or, for a cluster whose keys are in a PKCS#11 token,
     O(pkcs11)) opens the cluster's active key; a wrong password or PIN fails and changes nothing.
+  - With O(tls_certificate) and O(tls_key) the server serves HTTPS. Before joining, the module checks that both
+    files can be read, that the key belongs to the certificate and that the certificate is valid now; otherwise
+    it fails and changes nothing.
   - The module does not start or restart the service; it returns RV(config_changed) so the caller knows the running
     service must restart. The C(rmsops.rms.server) role does both.
   - The module is a thin layer over C(rmsd.admin.ensure_server); run it where rmsd is importable.
@@ -42,7 +45,7 @@ options:
     required: true
   listen_address:
     description:
-      - IP address the server's HTTP service listens on.
+      - IP address the server's HTTP(S) service listens on.
     type: str
     default: 127.0.0.1
   port:
@@ -85,6 +88,24 @@ options:
     description:
       - Where the issuer's signing keys (JWKS) are read from, C(https://), C(http://) or C(file://).
     type: str
+  tls_certificate:
+    description:
+      - Absolute path, on the server, of its TLS certificate (PEM; the server's certificate first, then any
+        intermediate CA certificates). With O(tls_key), the server serves HTTPS and its RV(server.url) is
+        C(https://); without both it serves plain HTTP.
+      - The file must exist when the module runs, except in check mode, where a missing file only gives a warning
+        because an earlier task of the same run would have written it.
+      - The configuration file records the path only. A certificate renewed at the same path does not change the
+        configuration file (RV(config_changed) stays false); restart the service to serve the new certificate.
+      - C(rmsd tls-request --key PATH --address IP [--dns NAME ...]) run on the server makes its private key and
+        prints a certificate request to be signed by your CA, so the key never leaves the server.
+    type: path
+  tls_key:
+    description:
+      - Absolute path, on the server, of the unencrypted PEM private key of O(tls_certificate). It must belong to
+        that certificate. The configuration file records the path, never the key; keep the file readable by the
+        service user only.
+    type: path
   state:
     description:
       - V(present) registers the server and writes its files.
@@ -110,6 +131,8 @@ EXAMPLES = r"""
     port: 8080
     config_path: /var/lib/rmsd/rms1/rmsd.toml
     secret_path: /var/lib/rmsd/rms1/secret.toml
+    tls_certificate: /etc/rmsd/tls/rms1.crt
+    tls_key: /etc/rmsd/tls/rms1.key
     identity_issuer: https://login.corp.example.com
     identity_jwks_uri: https://login.corp.example.com/.well-known/jwks.json
   vars:
@@ -150,9 +173,21 @@ server:
       type: int
       sample: 8080
     url:
-      description: URL of the server's HTTP service.
+      description: URL of the server's service; C(https://) when it has O(tls_certificate) and O(tls_key).
       type: str
-      sample: http://127.0.0.1:8080
+      sample: https://127.0.0.1:8080
+    tls:
+      description: Whether the server serves HTTPS.
+      type: bool
+      sample: true
+    tls_certificate:
+      description: Path of the server's TLS certificate, or null.
+      type: str
+      sample: /etc/rmsd/tls/rms1.crt
+    tls_key:
+      description: Path of the server's TLS private key (the path only), or null.
+      type: str
+      sample: /etc/rmsd/tls/rms1.key
     config_path:
       description: Path of the node configuration file.
       type: str
@@ -189,13 +224,19 @@ def main():
             identity_issuer=dict(type="str"),
             identity_audience=dict(type="str", default="rmsd"),
             identity_jwks_uri=dict(type="str"),
+            tls_certificate=dict(type="path"),
+            # A path, not a secret (validate-modules asks because of the name).
+            tls_key=dict(type="path", no_log=False),
             state=dict(type="str", choices=["present", "absent"], default="present"),
             **pkcs11_argument_spec(),
         ),
         required_if=[("state", "present", ("key_password", "pkcs11"), True)],
         mutually_exclusive=[("key_password", "pkcs11")],
+        required_together=[("tls_certificate", "tls_key")],
     )
     result = call_admin(module, "ensure_server", check_mode=module.check_mode, **module.params)
+    for warning in result.warnings:
+        module.warn(warning)
     module.exit_json(
         server=result.facts.get("server", {}),
         config_changed=bool(result.facts.get("config_changed", False)),

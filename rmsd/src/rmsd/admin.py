@@ -14,7 +14,16 @@ import sqlalchemy as sa
 
 from rmsd import clusters, compromise, db, failpoints, licenses, pki, rotation, tpd
 from rmsd import enrollment as enrollment_lib
-from rmsd.config import NodeConfig, Secrets, read_text_or_none, write_atomic
+from rmsd.config import (
+    NodeConfig,
+    Secrets,
+    check_tls_paths,
+    check_tls_validity,
+    load_tls_files,
+    node_url,
+    read_text_or_none,
+    write_atomic,
+)
 from rmsd.errors import RmsdError
 from rmsd.keys import KEY_SIZES, PROTECTIONS, TokenSettings, provider_for
 from rmsd.schema import utcnow
@@ -845,10 +854,11 @@ def _template_view(row) -> dict:
 def ensure_server(
     *, cluster, name, database_url, database_password=None, key_password=None, previous_key_password=None,
     listen_address="127.0.0.1", port=8080, config_path, secret_path, identity_issuer=None, identity_audience="rmsd",
-    identity_jwks_uri=None, pkcs11=None, state="present", check_mode=False,
+    identity_jwks_uri=None, pkcs11=None, tls_certificate=None, tls_key=None, state="present", check_mode=False,
 ) -> Result:
     """A node of `cluster`: registered, with its configuration file and its 0600 secret file. A node of
-    a pkcs11 cluster gets the token (`pkcs11`: module, token_label, pin; the PIN goes to the secret file)."""
+    a pkcs11 cluster gets the token (`pkcs11`: module, token_label, pin; the PIN goes to the secret file).
+    With `tls_certificate` and `tls_key` (paths of PEM files already on the node) it serves HTTPS."""
     _check_name("cluster", cluster)
     _check_name("server name", name)
     for what, path in (("config_path", config_path), ("secret_path", secret_path)):
@@ -866,18 +876,46 @@ def ensure_server(
             raise RmsdError(f"listen_address {listen_address!r} is not an IP address") from None
         if not 1 <= int(port) <= 65535:
             raise RmsdError(f"port {port} is out of range 1-65535")
+        check_tls_paths(tls_certificate, tls_key)
+        warnings = _check_tls_files(tls_certificate, tls_key, check_mode) if tls_certificate else []
         token = TokenSettings.from_options(pkcs11)
         config = NodeConfig(
             name=name, cluster=cluster, database_url=database_url, listen_address=listen_address, port=int(port),
             secret_path=secret_path, identity_issuer=identity_issuer, identity_audience=identity_audience,
             identity_jwks_uri=identity_jwks_uri, pkcs11_module=token and token.module,
-            pkcs11_token_label=token and token.token_label,
+            pkcs11_token_label=token and token.token_label, tls_certificate=tls_certificate or None,
+            tls_key=tls_key or None,
         )
         secrets = Secrets(key_password=key_password, previous_key_password=previous_key_password or None,
                           database_password=database_password, pkcs11_pin=token and token.pin)
-        return _server_present(engine, database_url, config, config_path, secrets, check_mode)
+        result = _server_present(engine, database_url, config, config_path, secrets, check_mode)
+        result.warnings.extend(warnings)
+        return result
     finally:
         engine.dispose()
+
+
+def _check_tls_files(tls_certificate, tls_key, check_mode) -> list[str]:
+    """The node's certificate and key: readable, matching, the certificate valid now (RmsdError otherwise,
+    before anything is written). In check mode files not there yet are a warning: an earlier task of the
+    same run (e.g. one that gets the certificate signed) would have written them."""
+    missing = [path for path in (tls_certificate, tls_key) if not os.path.exists(path)]
+    if missing:
+        if check_mode:
+            it = "them" if len(missing) > 1 else "it"
+            warning = (f"{' and '.join(missing)} not found; assuming an earlier task writes {it}. A real run fails "
+                       "if it is still missing then")
+            return [warning]
+        raise RmsdError(
+            f"{' and '.join(missing)} not found: tls_certificate and tls_key must be on the node before it joins "
+            "(rmsd tls-request makes the key and a certificate request for it). Nothing was changed."
+        )
+    try:
+        files = load_tls_files(tls_certificate, tls_key)
+        check_tls_validity(files, tls_certificate, utcnow())
+    except RmsdError as err:
+        raise RmsdError(f"{err}. Nothing was changed.") from None
+    return []
 
 
 def _server_present(engine, database_url, config: NodeConfig, config_path, secrets: Secrets, check_mode) -> Result:
@@ -896,7 +934,9 @@ def _server_present(engine, database_url, config: NodeConfig, config_path, secre
                     "give this server another listen_address or port"
                 )
         server = clusters.server_row(conn, row.id, config.name)
-        return row.state, (None if server is None else {"listen_address": server.listen_address, "port": server.port})
+        if server is None:
+            return row.state, None
+        return row.state, {"listen_address": server.listen_address, "port": server.port, "tls": server.tls}
 
     found = _read(engine, database_url, registration)
     if found is None and check_mode:
@@ -907,7 +947,7 @@ def _server_present(engine, database_url, config: NodeConfig, config_path, secre
             f"cluster {config.cluster!r} does not exist in {database_url}; provision it first with rmsops.rms.cluster"
         )
     _state, registered = found
-    wanted_reg = {"listen_address": config.listen_address, "port": config.port}
+    wanted_reg = {"listen_address": config.listen_address, "port": config.port, "tls": config.tls}
     config_text = config.render()
     secret_text = secrets.render()
     secret_path = config.secret_path
@@ -919,6 +959,7 @@ def _server_present(engine, database_url, config: NodeConfig, config_path, secre
         "server": {
             "name": config.name, "cluster": config.cluster, "listen_address": config.listen_address,
             "port": config.port, "url": config.url, "config_path": config_path, "secret_path": secret_path,
+            "tls": config.tls, "tls_certificate": config.tls_certificate, "tls_key": config.tls_key,
         },
         "config_changed": config_changed or secret_changed,
     }
@@ -938,7 +979,8 @@ def _server_present(engine, database_url, config: NodeConfig, config_path, secre
     if changed and not check_mode:
         with _writing(engine, database_url, config.cluster) as conn:
             row = clusters.get_cluster(conn, config.cluster)
-            clusters.save_server(conn, row.id, config.name, config.listen_address, config.port, utcnow())
+            clusters.save_server(conn, row.id, config.name, config.listen_address, config.port, utcnow(),
+                                 tls=config.tls)
         write_atomic(secret_path, secret_text, 0o600)
         write_atomic(config_path, config_text, 0o640)
     return Result(changed=changed, diff=diff if changed else {"before": {}, "after": {}}, facts=facts)
@@ -1004,7 +1046,8 @@ def _info(conn, name) -> dict | None:
         up = beat is not None and (now - beat).total_seconds() < 10 * HEARTBEAT_STALE_AFTER
         nodes.append({
             "name": server.name, "listen_address": server.listen_address, "port": server.port,
-            "url": f"http://{server.listen_address}:{server.port}", "joined_at": server.joined_at.isoformat(),
+            "tls": server.tls, "url": node_url(server.listen_address, server.port, server.tls),
+            "joined_at": server.joined_at.isoformat(),
             "last_heartbeat": beat.isoformat() if beat else None, "status": "up" if up else "down",
         })
     keys = [rotation.key_view(k, now) for k in clusters.keys_of(conn, row.id)]

@@ -1,14 +1,19 @@
 """The `rmsd` command."""
 
 import argparse
+import ipaddress
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
 from rmsd import admin, demo_issuer
-from rmsd.config import load_node_config, load_secrets
+from rmsd.config import load_node_config, load_secrets, write_atomic_bytes
 from rmsd.errors import RmsdError
+
+LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+DNS_NAME = re.compile(rf"^(?=.{{1,253}}$){LABEL}(\.{LABEL})*$")
 
 
 def _serve(args) -> int:
@@ -48,6 +53,71 @@ def _issuer_token(args) -> int:
     return 0
 
 
+def _tls_key(path: Path, key_type: str):
+    """The private key at `path`, created (0600 from the first byte) when there is none. Returns (key, created)."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    for _attempt in range(2):
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            key = ec.generate_private_key(ec.SECP256R1()) if key_type == "ec" else rsa.generate_private_key(65537, 2048)
+            pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+            # No clobbering: when another run created the key meanwhile, that one is used.
+            if write_atomic_bytes(path, pem, 0o600, replace=False):
+                return key, True
+            continue
+        except OSError as err:
+            raise RmsdError(f"cannot read the key file {path}: {err.strerror}") from None
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (TypeError, ValueError, UnsupportedAlgorithm):
+            raise RmsdError(f"{path} exists but holds no unencrypted PEM private key; move it away or give another "
+                            "--key path") from None
+        if not (isinstance(key, ec.EllipticCurvePrivateKey)
+                or (isinstance(key, rsa.RSAPrivateKey) and key.key_size >= 2048)):
+            raise RmsdError(f"the key in {path} is neither an EC nor an RSA (2048 bits or more) key; move it away "
+                            "or give another --key path")
+        return key, False
+    raise RmsdError(f"the key file {path} appeared and vanished while it was created; run again")
+
+
+def _tls_request(args) -> int:
+    """Print a CSR for the node's TLS key (created if missing). The key never leaves its file."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    try:
+        address = ipaddress.ip_address(args.address)
+    except ValueError:
+        raise RmsdError(f"--address {args.address!r} is not an IP address (the node's listen_address)") from None
+    names = list(dict.fromkeys(n.lower().rstrip(".") for n in args.dns or []))
+    for name in names:
+        if not DNS_NAME.match(name):
+            raise RmsdError(f"--dns {name!r} is not a DNS name (letters, digits and '-', labels separated by '.')")
+    path = Path(args.key)
+    if not path.is_absolute():
+        raise RmsdError(f"--key must be an absolute path, not {args.key!r}")
+    key, created = _tls_key(path, args.key_type)
+    common_name = names[0] if names else str(address)
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(address), *(x509.DNSName(n) for n in names)]), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    sys.stdout.write(csr.public_bytes(serialization.Encoding.PEM).decode())
+    # Said on stderr, so stdout is the request only; a role can tell a new key from a reused one.
+    print(f"rmsd: {'created' if created else 'reused'} the private key {path}", file=sys.stderr)
+    return 0
+
+
 def _roundtrip(args) -> int:
     from rmsd.demo import roundtrip
 
@@ -83,6 +153,20 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--groups")
     s.add_argument("--ttl", type=int, default=300)
     s.set_defaults(func=_issuer_token)
+
+    s = sub.add_parser(
+        "tls-request",
+        help="print a PEM certificate request (CSR) for this node's TLS key; the key is created (0600) if missing",
+        description="Print to stdout a PEM certificate signing request for the node's TLS private key, with "
+        "subjectAltName IP:ADDRESS and DNS:NAME for every --dns. The key at --key is created (EC P-256 or RSA "
+        "2048, mode 0600) when there is none and reused otherwise; it is never printed.",
+    )
+    s.add_argument("--key", required=True, help="absolute path of the private key (PEM)")
+    s.add_argument("--address", required=True, help="the node's IP address (its listen_address)")
+    s.add_argument("--dns", action="append", metavar="NAME", help="a DNS name of the node; the first is the CN")
+    s.add_argument("--key-type", choices=("ec", "rsa"), default="ec",
+                   help="type of a new key: ec (P-256, default) or rsa (2048 bits); an existing key is kept")
+    s.set_defaults(func=_tls_request)
 
     s = sub.add_parser("demo-roundtrip", help="RAC -> PL -> UL over HTTP, then open the content")
     s.add_argument("--url", required=True)

@@ -262,18 +262,19 @@ def server_row(conn: sa.Connection, cluster_id: int, name: str):
     return conn.execute(query).first()
 
 
-def save_server(conn, cluster_id: int, name: str, listen_address: str, port: int, now: datetime) -> None:
+def save_server(conn, cluster_id: int, name: str, listen_address: str, port: int, now: datetime,
+                tls: bool = False) -> None:
     if server_row(conn, cluster_id, name) is None:
         conn.execute(
             servers.insert().values(
-                cluster_id=cluster_id, name=name, listen_address=listen_address, port=port, joined_at=now
+                cluster_id=cluster_id, name=name, listen_address=listen_address, port=port, tls=tls, joined_at=now
             )
         )
     else:
         conn.execute(
             servers.update()
             .where(servers.c.cluster_id == cluster_id, servers.c.name == name)
-            .values(listen_address=listen_address, port=port)
+            .values(listen_address=listen_address, port=port, tls=tls)
         )
 
 

@@ -1,12 +1,16 @@
-"""A node's configuration file (TOML, no secrets) and its secret file (TOML, 0600)."""
+"""A node's configuration file (TOML, no secrets), its secret file (TOML, 0600) and its TLS files."""
 
 import os
 import tempfile
 import tomllib
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
 
 import tomli_w
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 
 from rmsd.errors import RmsdError
 
@@ -27,10 +31,18 @@ class NodeConfig:
     # the PIN is a secret.
     pkcs11_module: str | None = None
     pkcs11_token_label: str | None = None
+    # HTTPS: absolute paths of the node's PEM certificate (chain, leaf first) and its PEM private key.
+    # The paths only; the key stays in its own file.
+    tls_certificate: str | None = None
+    tls_key: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_certificate and self.tls_key)
 
     @property
     def url(self) -> str:
-        return f"http://{self.listen_address}:{self.port}"
+        return node_url(self.listen_address, self.port, self.tls)
 
     def render(self) -> str:
         return tomli_w.dumps({"node": {k: v for k, v in asdict(self).items() if v is not None}})
@@ -50,6 +62,11 @@ class Secrets:
 
     def render(self) -> str:
         return tomli_w.dumps({k: v for k, v in asdict(self).items() if v is not None})
+
+
+def node_url(listen_address: str, port: int, tls: bool) -> str:
+    host = f"[{listen_address}]" if ":" in listen_address else listen_address  # IPv6
+    return f"{'https' if tls else 'http'}://{host}:{port}"
 
 
 def load_node_config(path: str | Path) -> NodeConfig:
@@ -93,3 +110,97 @@ def write_atomic(path: str | Path, text: str, mode: int) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_atomic_bytes(path: str | Path, data: bytes, mode: int, replace: bool = True) -> bool:
+    """Write `data` to `path` with `mode` from the first byte on (temp file + rename). With replace=False
+    an existing file is kept (hard link instead of rename, so two concurrent writers cannot both win):
+    returns whether `path` now holds `data`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if replace:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+# --- TLS -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A node's certificate chain and the public half of its key, read and checked."""
+
+    certificate: x509.Certificate  # the leaf
+    chain_length: int
+
+    @property
+    def not_before(self) -> datetime:
+        return self.certificate.not_valid_before_utc
+
+    @property
+    def not_after(self) -> datetime:
+        return self.certificate.not_valid_after_utc
+
+
+def check_tls_paths(tls_certificate: str | None, tls_key: str | None) -> None:
+    """Both or neither, absolute paths (the service may run in another working directory)."""
+    if bool(tls_certificate) != bool(tls_key):
+        raise RmsdError("tls_certificate and tls_key go together: give both (HTTPS) or neither (HTTP)")
+    for what, path in (("tls_certificate", tls_certificate), ("tls_key", tls_key)):
+        if path and not os.path.isabs(path):
+            raise RmsdError(f"{what} must be an absolute path, not {path!r}")
+
+
+def load_tls_files(tls_certificate: str, tls_key: str) -> TlsFiles:
+    """Read the certificate chain and the private key and check that the key belongs to the certificate.
+    Messages name the files, never their content."""
+    try:
+        chain = x509.load_pem_x509_certificates(Path(tls_certificate).read_bytes())
+    except OSError as err:
+        raise RmsdError(f"cannot read tls_certificate {tls_certificate}: {err.strerror}; give the path of the "
+                        "node's PEM certificate, readable by the user rmsd runs as") from None
+    except ValueError:
+        raise RmsdError(f"tls_certificate {tls_certificate} holds no PEM certificate; give the node's certificate "
+                        "(PEM, leaf first, then any intermediate CA certificates)") from None
+    try:
+        key_bytes = Path(tls_key).read_bytes()
+    except OSError as err:
+        raise RmsdError(f"cannot read tls_key {tls_key}: {err.strerror}; give the path of the node's PEM private "
+                        "key, readable by the user rmsd runs as") from None
+    try:
+        key = serialization.load_pem_private_key(key_bytes, password=None)
+    except TypeError:
+        raise RmsdError(f"tls_key {tls_key} is encrypted; rmsd needs an unencrypted PEM key, protected by its file "
+                        "mode (0600 or 0640 for the service's group)") from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise RmsdError(f"tls_key {tls_key} holds no PEM private key") from None
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(*spki) != chain[0].public_key().public_bytes(*spki):
+        raise RmsdError(
+            f"tls_key {tls_key} does not belong to the certificate in {tls_certificate} (their public keys differ); "
+            "give the key the certificate was issued for, or a certificate issued for this key"
+        )
+    return TlsFiles(chain[0], len(chain))
+
+
+def check_tls_validity(files: TlsFiles, tls_certificate: str, now: datetime) -> None:
+    if not files.not_before <= now <= files.not_after:
+        raise RmsdError(
+            f"the certificate in tls_certificate {tls_certificate} is not valid now: valid from "
+            f"{files.not_before:%Y-%m-%d %H:%M} until {files.not_after:%Y-%m-%d %H:%M} UTC; renew it (rmsd tls-request "
+            "makes a request for the node's key) and run again"
+        )

@@ -91,6 +91,8 @@ servers = sa.Table(
     sa.Column("port", sa.Integer, nullable=False),
     sa.Column("joined_at", UTCDateTime, nullable=False),
     sa.Column("last_heartbeat", UTCDateTime),
+    # Whether the node serves HTTPS (its URL's scheme); rows from before 0004 read as HTTP.
+    sa.Column("tls", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.UniqueConstraint("cluster_id", "name"),
 )
 

@@ -17,7 +17,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
 from rmsd import __version__, clusters, db, keys, licenses, pki
-from rmsd.config import NodeConfig, load_secrets
+from rmsd.config import NodeConfig, check_tls_paths, load_secrets, load_tls_files
 from rmsd.errors import (
     AuthenticationError,
     ForbiddenError,
@@ -519,17 +519,36 @@ def create_app(config: NodeConfig) -> FastAPI:
     return app
 
 
+def check_tls(config: NodeConfig) -> dict:
+    """uvicorn's TLS options for a node with a certificate; RmsdError, before anything starts, when the files
+    are unreadable or the key does not belong to the certificate."""
+    check_tls_paths(config.tls_certificate, config.tls_key)
+    if not config.tls:
+        return {}
+    files = load_tls_files(config.tls_certificate, config.tls_key)
+    now = utcnow()
+    if not files.not_before <= now <= files.not_after:
+        # Started anyway: refusing would turn a renewal that is late into an outage of this node too.
+        log.warning("the certificate in %s is not valid now (valid from %s until %s); renew it",
+                    config.tls_certificate, files.not_before.isoformat(), files.not_after.isoformat())
+    # No ssl_version/ssl_ciphers: Python's server context then keeps its defaults (TLS 1.2 or newer,
+    # forward-secret ciphers only).
+    return {"ssl_certfile": config.tls_certificate, "ssl_keyfile": config.tls_key}
+
+
 def serve(config: NodeConfig) -> None:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    tls = check_tls(config)
     app = create_app(config)
     try:
         # Refuse to start, with the reason, when the key or the database is unusable.
         app.state.node.state()
     except sa.exc.SQLAlchemyError as err:
         raise db.connect_error(err, config.database_url) from None
+    log.info("serving %s", config.url)
     uvicorn.run(
         app, host=config.listen_address, port=config.port, log_level="info",
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=10, **tls,
     )
