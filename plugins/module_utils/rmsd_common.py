@@ -66,6 +66,12 @@ def call_admin(module, function, /, **kwargs):
     require_rmsd(module)
     try:
         return getattr(rmsd_admin, function)(**kwargs)
+    except TypeError as err:
+        # An rmsd older than this collection lacks an option the module passes.
+        if "unexpected keyword argument" not in str(err):
+            raise
+        module.fail_json(msg=f"the rmsd installed on this host is older than the rmsops.rms collection ({err}); "
+                             "install the rmsd bundled with it first (the rmsops.rms.server role, tasks_from: install)")
     except RmsdError as err:
         module.fail_json(msg=str(err))
 
