@@ -143,7 +143,7 @@ class Deployment:
                     # rmsd and supervisor of this test virtualenv; no install.
                     "server_venv_dir": str(VENV), "server_install_done": True,
                     "server_rmsd_python": sys.executable, "server_rmsd_ready": True,
-                    "server_service_manager": "supervisord",
+                    "server_service_manager": "supervisord", "server_user": "root",
                     "server_health_delay": 1,
                 }},
                 "balancers": {"hosts": balancers, "vars": {
