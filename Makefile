@@ -69,7 +69,7 @@ test: venv collection
 # ansible-lint --offline: lint the working tree through the collection symlink
 # instead of a built copy (and never reach for Ansible Galaxy).
 lint: venv collection
-	$(BIN)/ruff check rmsd plugins tests scripts benchmarks
+	$(BIN)/ruff check rmsd plugins tests scripts benchmarks roles/server/files molecule
 	@# ansible-lint installs this collection into ANSIBLE_HOME and keeps that copy while galaxy.yml's
 	@# version stays the same: remove it, so the working tree is what gets linted.
 	rm -rf $(BUILD)/ansible-home/collections
@@ -87,11 +87,12 @@ pytest: venv collection
 	$(BIN)/pytest $(PYTEST_ARGS) tests
 
 # Two lanes side by side (much of a scenario's time is waiting): cluster and key_rotation one after
-# the other, the single-node scenarios beside them, then hsm. cluster, key_rotation and hsm share
-# rmsd's virtualenv under build/: cluster installs it first, and hsm starts minutes later, when the
-# install is a check that changes nothing. Each scenario's output is kept in build/molecule-logs/
-# and printed whole when it ends.
-MOLECULE_LANES := cluster,key_rotation default,backup_restore,hsm
+# the other, the single-node scenarios beside them, then hsm and hosts (podman containers reached
+# over SSH). cluster, key_rotation and hsm share rmsd's virtualenv under build/: cluster installs it
+# first, and hsm starts minutes later, when the install is a check that changes nothing. Every
+# scenario installs from the same wheelhouse, built once in the controller's cache. Each scenario's
+# output is kept in build/molecule-logs/ and printed whole when it ends.
+MOLECULE_LANES := cluster,key_rotation default,backup_restore,hsm,hosts
 MOLECULE_LOGS := $(BUILD)/molecule-logs
 
 molecule: venv collection
