@@ -97,27 +97,17 @@ def read_text_or_none(path: str | Path) -> str | None:
 
 def write_atomic(path: str | Path, text: str, mode: int) -> None:
     """Write `text` to `path` with `mode` from the first byte on (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic_bytes(path, text.encode(), mode, folder_mode=0o750)
 
 
-def write_atomic_bytes(path: str | Path, data: bytes, mode: int, replace: bool = True) -> bool:
+def write_atomic_bytes(
+    path: str | Path, data: bytes, mode: int, replace: bool = True, folder_mode: int = 0o700,
+) -> bool:
     """Write `data` to `path` with `mode` from the first byte on (temp file + rename). With replace=False
     an existing file is kept (hard link instead of rename, so two concurrent writers cannot both win):
     returns whether `path` now holds `data`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=folder_mode)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         os.fchmod(fd, mode)
