@@ -16,6 +16,7 @@ from joserfc import jwe, jws
 from joserfc.jwk import RSAKey
 
 from rmsd import pki
+from rmsd.identity import identifier_problem
 
 
 class ServiceError(Exception):
@@ -40,10 +41,14 @@ class User:
     def csr_pem(self) -> str:
         csr = (
             x509.CertificateSigningRequestBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self.subject[:64])]))
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, self._csr_common_name())]))
             .sign(self.private_key, hashes.SHA256())
         )
         return csr.public_bytes(serialization.Encoding.PEM).decode()
+
+    def _csr_common_name(self) -> str:
+        # Only a label: the RAC names whoever the bearer token says (its full id is in the RAC's subjectAltName).
+        return pki.rac_common_name(self.subject) if identifier_problem(self.subject) is None else "rmsd user"
 
 
 class RmsClient:

@@ -33,11 +33,14 @@ def jwks_uri(directory: Path) -> str:
 
 
 def token(directory: Path, subject: str, groups=(), ttl: int = 300, audience: str = AUDIENCE,
-          issuer: str = ISSUER, now: float | None = None) -> str:
+          issuer: str = ISSUER, now: float | None = None, claims: dict | None = None) -> str:
+    """A signed JWT; `claims` overrides the usual ones (a None value leaves that claim out)."""
     key = RSAKey.import_key(json.loads((directory / "signing-key.json").read_text()))
     now = int(now if now is not None else time.time())
-    claims = {"iss": issuer, "aud": audience, "sub": subject, "iat": now, "nbf": now, "exp": now + ttl}
+    made = {"iss": issuer, "aud": audience, "sub": subject, "iat": now, "nbf": now, "exp": now + ttl}
     if groups:
-        claims["groups"] = list(groups)
+        made["groups"] = list(groups)
+    made.update(claims or {})
+    claims = {name: value for name, value in made.items() if value is not None}
     return jwt.encode({"alg": "RS256", "kid": key.kid}, claims, key)
 

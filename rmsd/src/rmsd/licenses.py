@@ -10,6 +10,7 @@ from joserfc.errors import JoseError
 from joserfc.jwk import RSAKey
 
 from rmsd.errors import InvalidRequestError
+from rmsd.identity import parse_principal, principal_key
 from rmsd.keys import ClusterKey
 
 RIGHTS = ("OWNER", "VIEW", "EDIT", "PRINT", "EXPORT", "EXTRACT", "FORWARD", "REPLY")
@@ -57,17 +58,20 @@ def verify(token: str, public_key, typ: str) -> dict:
 
 
 def normalize_rights(rights: dict[str, list[str]]) -> dict[str, list[str]]:
-    if not rights:
+    """Rights keyed by canonical principals (see rmsd.identity: `group:NAME`, `user:ID` or a bare user id);
+    InvalidRequestError for a key outside the grammar or an ambiguous one (a bare `Group:x`). Keys naming
+    the same principal (`bob` and `user:bob`) are merged."""
+    if not rights or not isinstance(rights, dict):
         raise InvalidRequestError("rights must grant at least one principal something")
-    out = {}
+    out: dict[str, set[str]] = {}
     for principal, granted in rights.items():
         if not principal or not isinstance(granted, list) or not granted:
             raise InvalidRequestError(f"rights for {principal!r} must be a non-empty list")
-        unknown = sorted(set(granted) - set(RIGHTS))
+        unknown = sorted(set(map(str, granted)) - set(RIGHTS))
         if unknown:
             raise InvalidRequestError(f"unknown rights {unknown}; known rights: {', '.join(RIGHTS)}")
-        out[principal] = sorted(set(granted))
-    return out
+        out.setdefault(principal_key(*parse_principal(principal)), set()).update(granted)
+    return {principal: sorted(granted) for principal, granted in out.items()}
 
 
 def issue_pl(
@@ -90,13 +94,19 @@ def issue_pl(
 
 
 def granted_rights(pl: dict, user: str, groups: list[str]) -> list[str]:
-    """What `user` (in `groups`) may do with the content; the owner may do everything."""
+    """What `user` (the token's exact "sub"), in `groups` (the token's "groups" claim), may do with the
+    content; the owner may do everything. Every comparison is exact (code points, no case folding): the
+    user's id only ever matches user principals, group principals only match through `groups`."""
     if user == pl["owner"]:
         return list(RIGHTS)
-    principals = {user} | {f"group:{g}" for g in groups}
+    member_of = frozenset(groups)
     granted = set()
-    for principal, rights in pl["rights"].items():
-        if principal in principals:
+    for key, rights in pl["rights"].items():
+        try:
+            kind, name = parse_principal(key)
+        except InvalidRequestError:
+            continue  # an ambiguous key of a PL issued before the grammar: it grants no one anything
+        if (kind == "user" and name == user) or (kind == "group" and name in member_of):
             granted.update(rights)
     return sorted(granted)
 

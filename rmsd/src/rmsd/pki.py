@@ -2,6 +2,7 @@
 
 import hashlib
 from datetime import datetime, timedelta
+from urllib.parse import quote, unquote
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -15,6 +16,13 @@ from rmsd.keys import ClusterKey, key_id_of
 SLC_VALIDITY = timedelta(days=5 * 365)
 RAC_VALIDITY = timedelta(days=365)
 MIN_RAC_KEY_SIZE = 2048
+MAX_RAC_KEY_SIZE = 16384
+RAC_PUBLIC_EXPONENT = 65537
+# The user id in a RAC: this URN in the subjectAltName, the id's UTF-8 percent-encoded (RFC 3986, every
+# octet but the unreserved ones, upper-case hex), so any Unicode id is kept whole and has one encoding.
+USER_ID_URN = "urn:rmsd:user-id:"
+LEGACY_USER_URN = "urn:rmsd:user:"  # RACs issued before USER_ID_URN: the raw (ASCII) id
+CN_MAX = 64  # octets of UTF-8 a CN may hold (cryptography enforces ub-common-name so)
 
 
 def slc_subject(cluster_name: str, role: str) -> x509.Name:
@@ -159,17 +167,32 @@ def load_csr(csr_pem: str) -> x509.CertificateSigningRequest:
     if not csr.is_signature_valid:
         raise InvalidRequestError("csr signature does not verify")
     public_key = csr.public_key()
-    if not isinstance(public_key, rsa.RSAPublicKey) or public_key.key_size < MIN_RAC_KEY_SIZE:
+    if not isinstance(public_key, rsa.RSAPublicKey):
         raise InvalidRequestError(f"the RAC key must be RSA of at least {MIN_RAC_KEY_SIZE} bits")
+    size, exponent = public_key.key_size, public_key.public_numbers().e
+    if not MIN_RAC_KEY_SIZE <= size <= MAX_RAC_KEY_SIZE:
+        raise InvalidRequestError(
+            f"the RAC key is RSA of {size} bits: it must be RSA of at least {MIN_RAC_KEY_SIZE} bits "
+            f"(and at most {MAX_RAC_KEY_SIZE})"
+        )
+    if exponent != RAC_PUBLIC_EXPONENT:
+        shown = str(exponent) if exponent.bit_length() <= 64 else f"a {exponent.bit_length()}-bit number"
+        raise InvalidRequestError(
+            f"the RAC key's RSA public exponent is {shown}: only {RAC_PUBLIC_EXPONENT} is accepted"
+        )
     return csr
 
 
 def issue_rac(
-    key: ClusterKey, slc: x509.Certificate, subject: str, csr: x509.CertificateSigningRequest, now: datetime
+    key: ClusterKey, slc: x509.Certificate, subject: str, csr: x509.CertificateSigningRequest, now: datetime,
+    validity: timedelta = RAC_VALIDITY,
 ) -> x509.Certificate:
     """A RAC binding the authenticated `subject` (from the bearer token, not from the CSR) to the
-    CSR's public key, issued by the root cluster key."""
-    names = [x509.NameAttribute(NameOID.COMMON_NAME, subject[:64])]
+    CSR's public key, issued by the root cluster key. The full id is in the subjectAltName (see
+    USER_ID_URN); the CN is only a readable label. Valid for at most `validity` (never more than
+    RAC_VALIDITY), and never beyond the SLC."""
+    validity = min(validity, RAC_VALIDITY)
+    names = [x509.NameAttribute(NameOID.COMMON_NAME, rac_common_name(subject))]
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name(names))
@@ -177,7 +200,7 @@ def issue_rac(
         .public_key(csr.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(min(now + RAC_VALIDITY, slc.not_valid_after_utc))
+        .not_valid_after(min(now + validity, slc.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -193,7 +216,7 @@ def issue_rac(
             ),
             critical=True,
         )
-        .add_extension(x509.SubjectAlternativeName([_general_name(subject)]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(_rac_names(subject)), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(slc.public_key()), critical=False
         )
@@ -201,19 +224,57 @@ def issue_rac(
     return key.sign_certificate(builder)
 
 
-def _general_name(subject: str) -> x509.GeneralName:
-    if "@" in subject:
-        return x509.RFC822Name(subject)
-    return x509.UniformResourceIdentifier(f"urn:rmsd:user:{subject}")
+def user_id_uri(subject: str) -> str:
+    return USER_ID_URN + quote(subject.encode("utf-8"), safe="")
+
+
+def rac_common_name(subject: str) -> str:
+    """The RAC's CN: the user id when its UTF-8 fits in the 64 octets X.509 allows a CN, else its start,
+    an ellipsis and a hash of the whole id. Readable, never used to tell users apart."""
+    if 0 < len(subject.encode("utf-8")) <= CN_MAX:
+        return subject
+    digest = hashlib.sha256(subject.encode("utf-8")).hexdigest()[:16]
+    suffix = f"\u2026 (sha256:{digest})"
+    room, start = CN_MAX - len(suffix.encode("utf-8")), ""
+    for c in subject:
+        if len((start + c).encode("utf-8")) > room:
+            break
+        start += c
+    return start + suffix
+
+
+def _rac_names(subject: str) -> list[x509.GeneralName]:
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(user_id_uri(subject))]
+    local, at, domain = subject.partition("@")
+    if at and local and domain and subject.isascii() and subject.isprintable() and " " not in subject:
+        names.append(x509.RFC822Name(subject))  # for other software's eyes; rac_subject reads the URN
+    return names
 
 
 def rac_subject(rac: x509.Certificate) -> str:
-    san = rac.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    for name in san:
+    """The full user id a RAC was issued to, from its USER_ID_URN (RACs issued before it: their legacy
+    name). InvalidRequestError when it names no user, or more than one."""
+    try:
+        san = rac.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise InvalidRequestError("the RAC names no user") from None
+    uris = [n.value for n in san if isinstance(n, x509.UniformResourceIdentifier)]
+    encoded = [u.removeprefix(USER_ID_URN) for u in uris if u.startswith(USER_ID_URN)]
+    if len(encoded) > 1:
+        raise InvalidRequestError("the RAC names more than one user")
+    if encoded:
+        try:
+            subject = unquote(encoded[0], encoding="utf-8", errors="strict")
+        except UnicodeDecodeError:
+            raise InvalidRequestError("the RAC's user id is not UTF-8") from None
+        if user_id_uri(subject) != USER_ID_URN + encoded[0]:
+            raise InvalidRequestError("the RAC's user id is not canonically encoded")
+        return subject
+    for name in san:  # a RAC issued before USER_ID_URN: the id as it was written then
         if isinstance(name, x509.RFC822Name):
             return name.value
-        if isinstance(name, x509.UniformResourceIdentifier) and name.value.startswith("urn:rmsd:user:"):
-            return name.value.removeprefix("urn:rmsd:user:")
+        if isinstance(name, x509.UniformResourceIdentifier) and name.value.startswith(LEGACY_USER_URN):
+            return name.value.removeprefix(LEGACY_USER_URN)
     raise InvalidRequestError("the RAC names no user")
 
 
