@@ -64,3 +64,64 @@ def test_password_never_reaches_the_database_files(database, key_der, request):
     # ... and the password is not among it, in any common encoding.
     for form in (password.encode(), password.encode("utf-16-le"), password.encode().hex().encode()):
         assert form not in stored
+
+
+# --- the KDF and key parameters, read back by OpenSSL (rmsd writes them with asn1crypto) -----------
+
+# What rmsd promises (rmsd.pkcs8): scrypt N = 2**14, r = 8, p = 1 (OpenSSL's `pkcs8 -scrypt` defaults),
+# a 32-byte key for AES-256-CBC, a 16-byte salt and IV. Written out here, not imported, so a weakened
+# constant in rmsd fails these tests instead of moving them along.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+
+
+def _asn1(path: Path) -> list[tuple[int, str, str]]:
+    """(depth, primitive type, value) of every primitive in `openssl asn1parse` output."""
+    parsed = []
+    for line in openssl("asn1parse", "-inform", "DER", "-in", str(path)).stdout.splitlines():
+        if "prim:" not in line:
+            continue
+        depth = int(line.split("d=", 1)[1].split()[0])
+        kind, _, value = line.split("prim:", 1)[1].partition(":")
+        parsed.append((depth, kind.split("[", 1)[0].strip(), value.strip()))  # OCTET STRING [HEX DUMP]:AB..
+    return parsed
+
+
+def test_scrypt_parameters_as_openssl_reads_them(key_der):
+    path, _password, _row = key_der
+    primitives = _asn1(path)
+    kinds = [(kind, value) for _depth, kind, value in primitives]
+    at = kinds.index(("OBJECT", "scrypt"))
+    salt, n, r, p, key_length = primitives[at + 1:at + 6]
+    assert salt[1] == "OCTET STRING" and len(bytes.fromhex(salt[2])) == 16
+    assert all(kind == "INTEGER" for _d, kind, _v in (n, r, p, key_length))
+    cost, block_size, parallelization, length = (int(v, 16) for _d, _k, v in (n, r, p, key_length))
+    assert cost >= 2**14
+    assert (cost, block_size, parallelization) == (SCRYPT_N, SCRYPT_R, SCRYPT_P)
+    assert length == 32  # an AES-256 key
+    cipher = kinds.index(("OBJECT", "aes-256-cbc"))
+    iv = primitives[cipher + 1]
+    assert iv[1] == "OCTET STRING" and len(bytes.fromhex(iv[2])) == 16
+
+
+def test_cluster_key_size_as_openssl_reads_it(key_der):
+    path, password, _row = key_der
+    text = openssl("pkey", "-inform", "DER", "-in", str(path), "-passin", "env:RMSD_TEST_PW", "-noout", "-text",
+                   password=password).stdout
+    assert "Private-Key: (2048 bit" in text
+
+
+@pytest.mark.parametrize("size", [512, 1024, 2047])
+def test_key_sizes_below_2048_are_refused(database, size):
+    from rmsd import admin
+    from rmsd.errors import RmsdError
+    from rmsd.keys import provider_for
+
+    with pytest.raises(RmsdError, match="key_size"):
+        provider_for("password", key_password="pw").generate(size)
+    with pytest.raises(RmsdError, match="key_size"):
+        provision(database, key_size=size)
+    assert database.dump() is None or database.count("cluster_keys") == 0
+    provision(database)
+    with pytest.raises(RmsdError, match="key_size"):
+        admin.ensure_cluster_key(cluster="c1", key_password="x", key_size=size, max_age=1,
+                                 **database.admin_args())

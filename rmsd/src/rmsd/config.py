@@ -35,6 +35,15 @@ class NodeConfig:
     # The paths only; the key stays in its own file.
     tls_certificate: str | None = None
     tls_key: str | None = None
+    # HTTP limits (unset: rmsd.limits' defaults; unset fields stay out of the rendered file).
+    # Largest request body in bytes (default 64 KiB); more is answered 413 before it is read or parsed.
+    max_body_bytes: int | None = None
+    # Largest request line plus headers in bytes (default 16 KiB); more closes the connection (uvicorn h11).
+    max_header_bytes: int | None = None
+    # Seconds an idle keep-alive connection stays open (default 5).
+    keep_alive_seconds: int | None = None
+    # Retry-After, in seconds, on a 503 while the configuration database is unavailable (default 5).
+    retry_after_seconds: int | None = None
 
     @property
     def tls(self) -> bool:

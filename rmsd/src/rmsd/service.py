@@ -12,11 +12,12 @@ from typing import Annotated
 import sqlalchemy as sa
 from cryptography.hazmat.primitives import serialization
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rmsd import __version__, clusters, db, keys, licenses, pki
+from rmsd import __version__, clusters, db, keys, licenses, limits, pki
 from rmsd.config import NodeConfig, check_tls_paths, load_secrets, load_tls_files
 from rmsd.errors import (
     AuthenticationError,
@@ -165,7 +166,7 @@ class Node:
 
         def issue(state, conn):
             now = utcnow()
-            rac = pki.issue_rac(state.active, pki.load_pem(state.slc_pem), user.subject, csr, now)
+            rac = pki.issue_rac(state.active, pki.load_pem(state.slc_pem), user.subject, csr, now, pki.RAC_VALIDITY)
             clusters.record_rac(conn, state.row.id, rac, user.subject, now)
             return {"rac": pki.to_pem(rac), "chain": [state.slc_pem]}
 
@@ -350,7 +351,14 @@ class PublishingRequest(BaseModel):
     content_key: str = Field(max_length=128, description="the content's AES-256 key, base64url")
     rights: dict[str, list[str]] = Field(
         default_factory=dict, max_length=256,
-        description="principal (user id, or group:NAME) -> rights (VIEW, EDIT, PRINT, ...); added to the template's",
+        description=(
+            "principal -> rights (OWNER, VIEW, EDIT, PRINT, EXPORT, EXTRACT, FORWARD, REPLY); added to the template's. "
+            "A principal is `user:ID` (the user whose bearer-token `sub` is exactly ID), `group:NAME` (anyone whose "
+            "token's `groups` claim holds exactly NAME), or a bare ID meaning `user:ID`. ID and NAME: 1 to 256 "
+            "Unicode characters, no control characters; compared exactly (case-sensitive, no normalization). A bare "
+            "ID whose text before its first ':' reads as 'user' or 'group' in any case (e.g. `Group:x`) is refused "
+            "as ambiguous (400): write `user:Group:x`. A user's own id never matches a `group:` principal."
+        ),
     )
     template: str | None = Field(
         default=None, min_length=1, max_length=64, description="a rights policy template of this cluster"
@@ -431,8 +439,15 @@ class UseLicense(BaseModel):
 
 
 class Problem(BaseModel):
-    error: str
-    detail: str
+    """RFC 9457 problem document (application/problem+json): the answer to every error."""
+
+    type: str = Field(description="urn:rmsd:problem:NAME, or about:blank when the status says it all")
+    title: str
+    status: int
+    detail: str = Field(description="what went wrong and what to do about it")
+    instance: str | None = Field(default=None, description="urn:uuid:REQUEST-ID of this request")
+    request_id: str | None = Field(default=None, description="the id this request is logged with")
+    error: str | None = Field(default=None, description="the refusal's name (e.g. ForbiddenError)")
 
 
 ERRORS = {
@@ -442,7 +457,14 @@ ERRORS = {
     InvalidRequestError: 400,
     RevokedError: 410,
 }
-PROBLEMS = {code: {"model": Problem} for code in (400, 401, 403, 404, 410, 503)}
+PROBLEMS = {code: {"model": Problem} for code in (400, 401, 403, 404, 409, 410, 413, 415, 500, 503)}
+PROBLEM_KINDS = {
+    AuthenticationError: "unauthenticated",
+    ForbiddenError: "forbidden",
+    NotFoundError: "not-found",
+    InvalidRequestError: "invalid-request",
+    RevokedError: "revoked",
+}
 
 
 def create_app(config: NodeConfig) -> FastAPI:
@@ -458,22 +480,40 @@ def create_app(config: NodeConfig) -> FastAPI:
         yield
         node.stop()
 
-    app = FastAPI(title="rmsd", version=__version__, lifespan=lifespan, responses=PROBLEMS)
+    app = FastAPI(title="rmsd", version=__version__, lifespan=lifespan, responses=PROBLEMS,
+                  dependencies=[Depends(limits.require_json)])
     app.state.node = node
+    # Outermost of the app's own middleware: ids, the body limit and unexpected errors come first.
+    app.add_middleware(limits.RequestGuard, max_body_bytes=config.max_body_bytes or limits.MAX_BODY_BYTES)
+    outage = limits.OutageLog()
+    app.state.outage = outage
+    sa.event.listen(node.engine, "after_cursor_execute", outage.succeeded)  # a statement ran: it is back
+    retry_after = str(config.retry_after_seconds or limits.RETRY_AFTER_SECONDS)
 
     @app.exception_handler(RmsdError)
-    async def _rmsd_error(_request: Request, err: RmsdError):
+    async def _rmsd_error(request: Request, err: RmsdError):
         status = next((code for cls, code in ERRORS.items() if isinstance(err, cls)), 409)
+        kind = next((name for cls, name in PROBLEM_KINDS.items() if isinstance(err, cls)), "conflict")
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        return JSONResponse({"error": type(err).__name__, "detail": str(err)}, status, headers=headers)
+        return limits.problem(status, str(err), kind=kind, request=request, headers=headers,
+                              error=type(err).__name__)
 
     @app.exception_handler(sa.exc.SQLAlchemyError)
-    async def _db_error(_request: Request, err: sa.exc.SQLAlchemyError):
+    async def _db_error(request: Request, err: sa.exc.SQLAlchemyError):
         if isinstance(err, sa.exc.DataError):  # the request's fault, e.g. NUL in PostgreSQL text
-            return JSONResponse({"error": "InvalidRequestError", "detail": "the request holds an unstorable value"},
-                                400)
-        log.error("configuration database error: %s", type(err).__name__)
-        return JSONResponse({"error": "Unavailable", "detail": "configuration database unavailable"}, 503)
+            return limits.problem(400, "the request holds an unstorable value", kind="invalid-request",
+                                  request=request, error="InvalidRequestError")
+        outage.failed(err)
+        return limits.problem(503, "configuration database unavailable; try again shortly", kind="unavailable",
+                              request=request, headers={"Retry-After": retry_after}, error="Unavailable")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException):
+        return limits.http_problem(request, err)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, err: RequestValidationError):
+        return limits.validation_problem(request, err.errors())
 
     def authenticated(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal:
         return node.authenticate(credentials)
@@ -548,7 +588,16 @@ def serve(config: NodeConfig) -> None:
     except sa.exc.SQLAlchemyError as err:
         raise db.connect_error(err, config.database_url) from None
     log.info("serving %s", config.url)
-    uvicorn.run(
-        app, host=config.listen_address, port=config.port, log_level="info",
-        timeout_graceful_shutdown=10, **tls,
-    )
+    uvicorn.run(app, host=config.listen_address, port=config.port, log_level="info", timeout_graceful_shutdown=10,
+                **uvicorn_limits(config), **tls)
+
+
+def uvicorn_limits(config: NodeConfig) -> dict:
+    """uvicorn's own limits, applied before the application sees a request: the h11 parser (where
+    h11_max_incomplete_event_size bounds request line and headers), the keep-alive time; no Server header."""
+    return {
+        "http": "h11",
+        "h11_max_incomplete_event_size": config.max_header_bytes or limits.MAX_HEADER_BYTES,
+        "timeout_keep_alive": config.keep_alive_seconds or limits.KEEP_ALIVE_SECONDS,
+        "server_header": False,
+    }

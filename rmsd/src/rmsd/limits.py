@@ -1,0 +1,241 @@
+"""What a node does before a request reaches its handlers, and how it answers any error.
+
+- One error model: every error is an RFC 9457 problem document (`application/problem+json`), made by
+  `problem()` and nothing else.
+- Every request gets an id (`X-Request-ID` on the answer, `instance` in a problem document, and in the
+  log line of an unexpected error).
+- A request body limit, enforced as pure ASGI before anything parses or authenticates: a Content-Length
+  over the limit is refused at once, a body of unknown length is counted while it streams and refused at
+  the limit, so a request never holds more than the limit in memory.
+- A configuration database outage is logged once when it starts, then as a count, and once when it ends.
+"""
+
+import json
+import logging
+import threading
+import time
+import uuid
+from http import HTTPStatus
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+log = logging.getLogger("rmsd")
+
+PROBLEM_JSON = "application/problem+json"
+MAX_BODY_BYTES = 64 * 1024  # the largest request (a PL to license, a CSR) is well below this
+MAX_HEADER_BYTES = 16 * 1024  # request line and headers (a bearer token is a few KiB)
+KEEP_ALIVE_SECONDS = 5  # an idle keep-alive connection is closed after this
+RETRY_AFTER_SECONDS = 5  # what a 503 asks the caller to wait
+OUTAGE_SUMMARY_SECONDS = 60.0  # while the database is down, how often the refusals are summed up in the log
+PROBLEM_BASE = "urn:rmsd:problem:"
+# Methods whose request carries a JSON body in this service.
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+def request_id_of(scope) -> str | None:
+    return scope.get("state", {}).get("request_id")
+
+
+def problem(
+    status: int, detail: str, *, kind: str | None = None, title: str | None = None, request=None,
+    headers: dict | None = None, **extra,
+) -> JSONResponse:
+    """The one way this service answers an error: an RFC 9457 problem document. `kind` names the problem
+    (its `type` is `urn:rmsd:problem:KIND`); without it the type is about:blank and the title is the
+    HTTP status phrase. `request` (a Request or an ASGI scope) gives the `instance` (the request id)."""
+    phrase = HTTPStatus(status).phrase
+    body = {
+        "type": f"{PROBLEM_BASE}{kind}" if kind else "about:blank",
+        "title": title or phrase,
+        "status": status,
+        "detail": detail,
+    }
+    scope = getattr(request, "scope", request)
+    request_id = request_id_of(scope) if scope is not None else None
+    if request_id:
+        body["instance"] = f"urn:uuid:{request_id}"
+        body["request_id"] = request_id
+    body.update(extra)
+    return JSONResponse(body, status, headers=headers, media_type=PROBLEM_JSON)
+
+
+class BodyTooLarge(HTTPException):
+    """Raised by the counting `receive` when a streamed body passes the limit. An HTTPException, so the
+    framework lets it through unchanged to the handler that answers 413."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is larger than this node accepts ({limit} bytes)")
+        self.limit = limit
+
+
+def too_large(limit: int, scope) -> JSONResponse:
+    # The rest of the body is never read, so the connection cannot carry another request.
+    return problem(
+        413, f"the request body is larger than this node accepts ({limit} bytes)", kind="body-too-large",
+        request=scope, headers={"Connection": "close"}, max_body_bytes=limit,
+    )
+
+
+class RequestGuard:
+    """Pure ASGI, outermost of the application's own middleware: gives each request an id, enforces the
+    body limit before anything reads the body, and turns an unexpected exception into a logged 500
+    problem document carrying the request id."""
+
+    def __init__(self, app, max_body_bytes: int = MAX_BODY_BYTES):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        limit = self.max_body_bytes
+        started = False
+
+        async def send_with_id(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        length = _content_length(scope)
+        if length is not None and length > limit:
+            # Refused before a byte of the body is read: no 100 Continue, nothing parsed, no authentication.
+            await too_large(limit, scope)(scope, receive, send_with_id)
+            return
+
+        received = 0
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send_with_id)
+        except BodyTooLarge:
+            if started:
+                raise
+            await too_large(limit, scope)(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unexpected error serving %s %s (request id %s)", scope.get("method"), scope.get("path"),
+                          request_id)
+            if started:
+                raise  # uvicorn closes the connection of a response it cannot finish
+            response = problem(
+                500, f"an unexpected error occurred; it was logged with request id {request_id}",
+                kind="internal-error", request=scope, headers={"Connection": "close"},
+            )
+            await response(scope, receive, send_with_id)
+
+
+def _content_length(scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None  # the HTTP server refuses a malformed Content-Length before the application
+    return None
+
+
+def is_json(content_type: str | None) -> bool:
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def validation_problem(request, errors) -> JSONResponse:
+    """A request the schema refuses: 400 when the body is not JSON at all, 422 otherwise; the errors
+    without the input they were found in (it may hold a credential) and without library links."""
+    if any(error.get("type") == "json_invalid" for error in errors):
+        error = next(e for e in errors if e.get("type") == "json_invalid")
+        reason = (error.get("ctx") or {}).get("error", "JSON decode error")
+        position = error.get("loc", ("body", None))[-1]
+        where = f" at character {position}" if isinstance(position, int) else ""
+        return problem(400, f"the request body is not valid JSON: {reason}{where}", kind="malformed-json",
+                       request=request)
+    cleaned = [
+        {"loc": [part for part in error.get("loc", ())], "msg": error.get("msg", ""), "type": error.get("type", "")}
+        for error in errors
+    ]
+    summary = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in cleaned[:5])
+    return problem(422, f"the request does not match the schema: {summary}", kind="validation",
+                   request=request, errors=cleaned)
+
+
+def http_problem(request, exc: HTTPException) -> JSONResponse:
+    """An HTTP-level refusal (no such path, method not allowed, ...), with a detail that helps."""
+    status = exc.status_code
+    headers = dict(exc.headers or {})
+    if isinstance(exc, BodyTooLarge):
+        return too_large(exc.limit, request.scope)
+    if status == 404:
+        detail = f"{request.url.path} is not a resource of this node"
+    elif status == 405:
+        allowed = headers.get("Allow") or headers.get("allow")
+        detail = f"{request.method} is not allowed on {request.url.path}" + (f"; use {allowed}" if allowed else "")
+    else:
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+    return problem(status, detail, request=request, headers=headers or None)
+
+
+class OutageLog:
+    """Configuration database outages in the log: one line when the first request fails, a count at most
+    every `summary_seconds` while it lasts, one line when a statement succeeds again."""
+
+    def __init__(self, summary_seconds: float = OUTAGE_SUMMARY_SECONDS, clock=time.monotonic):
+        self._lock = threading.Lock()
+        self._clock = clock
+        self.summary_seconds = summary_seconds
+        self.down_since: float | None = None
+        self.refused = 0  # requests refused in this outage
+        self._summed = 0
+        self._summed_at = 0.0
+
+    @property
+    def down(self) -> bool:
+        return self.down_since is not None
+
+    def failed(self, err: Exception) -> None:
+        with self._lock:
+            now = self._clock()
+            if self.down_since is None:
+                self.down_since, self.refused, self._summed, self._summed_at = now, 1, 0, now
+                log.error("configuration database unavailable (%s): answering 503 until it is back",
+                          type(err).__name__)
+                return
+            self.refused += 1
+            if now - self._summed_at >= self.summary_seconds:
+                log.warning("configuration database still unavailable after %.0f s: %d requests refused so far "
+                            "(%d since the last report)", now - self.down_since, self.refused,
+                            self.refused - self._summed)
+                self._summed, self._summed_at = self.refused, now
+
+    def succeeded(self, *_args) -> None:
+        """A statement ran: the database is back (cheap when it never left)."""
+        if self.down_since is None:
+            return
+        with self._lock:
+            if self.down_since is None:
+                return
+            log.warning("configuration database available again after %.0f s; %d requests were refused",
+                        self._clock() - self.down_since, self.refused)
+            self.down_since = None
+
+
+def require_json(request: Request) -> None:
+    """A dependency of every operation: a request that carries a body carries JSON (415 otherwise). It
+    runs before authentication and before the body is validated."""
+    if request.method in BODY_METHODS and not is_json(request.headers.get("content-type")):
+        given = request.headers.get("content-type") or "none"
+        raise HTTPException(415, f"the request body must be application/json (Content-Type: {given[:100]})")
