@@ -315,6 +315,8 @@ def test_issued_rac_validity_is_bounded(node, client):
     rac, slc = pki.load_pem(user.rac_pem), pki.load_pem(client.slc()["chain"][0])
     assert rac.public_key().public_numbers().e == 65537
     assert rac.not_valid_after_utc <= before + pki.RAC_VALIDITY + timedelta(seconds=5)
+    # The documented policy, as a number rather than the constant: a RAC is valid for a year at most.
+    assert rac.not_valid_after_utc - before <= timedelta(days=365, seconds=5)
     assert rac.not_valid_after_utc <= slc.not_valid_after_utc
     if shutil.which("openssl"):
         out = subprocess.run(["openssl", "x509", "-noout", "-enddate"], input=user.rac_pem, capture_output=True,
