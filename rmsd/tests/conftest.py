@@ -165,25 +165,27 @@ def configure_node(database: Database, directory: Path, issuer_dir: Path, cluste
     return result, config_path, secret_path
 
 
-def start_node(config_path: Path, log_path: Path, timeout: float = 30.0) -> tuple[str, subprocess.Popen]:
-    """Start `rmsd serve` and wait until /health answers."""
+def start_node(config_path: Path, log_path: Path, timeout: float = 30.0, verify=True) -> tuple[str, subprocess.Popen]:
+    """Start `rmsd serve` and wait until /health answers (over HTTPS, checked with `verify`, when the node
+    has a certificate)."""
     with open(log_path, "wb") as log:
         process = subprocess.Popen([str(RMSD), "serve", "--config", str(config_path)], stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     node = tomllib.loads(config_path.read_text())["node"]
-    url = f"http://{node['listen_address']}:{node['port']}"
+    scheme = "https" if node.get("tls_certificate") else "http"
+    url = f"{scheme}://{node['listen_address']}:{node['port']}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"rmsd serve exited {process.returncode}:\n{log_path.read_text()}")
         try:
-            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+            if httpx.get(f"{url}/health", verify=verify, timeout=1.0).status_code == 200:
                 return url, process
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
     stop_node(process)
-    raise RuntimeError(f"rmsd serve did not answer /health within {timeout}s:\n{log_path.read_text()}")
+    raise RuntimeError(f"rmsd serve did not answer /health at {url} within {timeout}s:\n{log_path.read_text()}")
 
 
 def stop_node(process: subprocess.Popen) -> None:

@@ -7,7 +7,6 @@ import os
 import ssl
 import stat
 import subprocess
-import time
 import tomllib
 from dataclasses import dataclass
 from datetime import timedelta
@@ -17,7 +16,7 @@ import httpx
 import pytest
 import tomli_w
 from alembic.command import downgrade
-from conftest import KEY_PASSWORD, RMSD, free_port, make_issuer, provision, sqlite_database, stop_node
+from conftest import KEY_PASSWORD, RMSD, free_port, make_issuer, provision, sqlite_database, start_node, stop_node
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -116,23 +115,7 @@ def server_args(database, directory: Path, issuer_dir: Path, *, name="n1", port=
 
 def start_tls_node(config_path: Path, log_path: Path, ca_file: Path, timeout: float = 30.0):
     """Start `rmsd serve` and wait until /health answers over HTTPS (verified against `ca_file`)."""
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen([str(RMSD), "serve", "--config", str(config_path)], stdout=log,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    node = tomllib.loads(config_path.read_text())["node"]
-    url = f"https://{node['listen_address']}:{node['port']}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"rmsd serve exited {process.returncode}:\n{log_path.read_text()}")
-        try:
-            if httpx.get(f"{url}/health", verify=tls_context(ca_file), timeout=1.0).status_code == 200:
-                return url, process
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    stop_node(process)
-    raise RuntimeError(f"rmsd serve did not answer /health over HTTPS within {timeout}s:\n{log_path.read_text()}")
+    return start_node(config_path, log_path, timeout, verify=tls_context(ca_file))
 
 
 @pytest.fixture
