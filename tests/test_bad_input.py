@@ -1,8 +1,12 @@
 """Bad input fails with a message that says what to do, and changes nothing."""
 
+import ast
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
+import yaml
 from state import cluster_state, file_state, server_params
 
 MODULES = ["rmsops.rms.cluster", "rmsops.rms.server", "rmsops.rms.cluster_info"]
@@ -84,3 +88,35 @@ def test_missing_rmsd_is_a_clear_failure(ansible, sqlite_cluster, tmp_path, modu
     assert "rmsd" in run.msg, run.msg
     assert "Traceback" not in run.output
     assert state_of(sqlite_cluster) == {"database": "absent"}
+
+
+def test_server_http_limits_reach_the_node_configuration(ansible, provisioned, tmp_path):
+    params = dict(server_params(provisioned, tmp_path), http_limits={"max_body_bytes": 131072,
+                                                                      "read_timeout_seconds": 20})
+    assert ansible.run("rmsops.rms.server", params).ok().changed
+    config = tomllib.loads(Path(params["config_path"]).read_text())["node"]
+    assert config["max_body_bytes"] == 131072 and config["read_timeout_seconds"] == 20
+    assert "max_header_bytes" not in config  # left out: rmsd's default
+    assert not ansible.run("rmsops.rms.server", params).ok().changed
+
+
+@pytest.mark.parametrize("limits", [{"max_body_bytes": 10}, {"read_timeout_seconds": 100000}])
+def test_server_http_limits_out_of_range_change_nothing(ansible, provisioned, tmp_path, limits):
+    before = state_of(provisioned)
+    params = dict(server_params(provisioned, tmp_path), http_limits=limits)
+    run = ansible.run("rmsops.rms.server", params)
+    assert run.failed and "HTTP limit" in run.msg and "Traceback" not in run.output, run.msg
+    assert state_of(provisioned) == before and file_state(params["config_path"]) is None
+
+
+def test_server_http_limit_names_are_rmsds():
+    """One vocabulary: the module's http_limits suboptions are exactly the limits rmsd's configuration has."""
+    from rmsd.config import HTTP_LIMITS
+
+    source = ast.parse((Path(__file__).parents[1] / "plugins/modules/server.py").read_text())
+    text = next(node.value.value for node in source.body if isinstance(node, ast.Assign)
+                and node.targets[0].id == "DOCUMENTATION")
+    documented = yaml.safe_load(text)["options"]["http_limits"]["suboptions"]
+    assert set(documented) == set(HTTP_LIMITS)
+    for name, (low, high) in HTTP_LIMITS.items():
+        assert f"({low} to {high}" in " ".join(documented[name]["description"]), name

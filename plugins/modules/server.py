@@ -106,6 +106,34 @@ options:
         that certificate. The configuration file records the path, never the key; keep the file readable by the
         service user only.
     type: path
+  http_limits:
+    description:
+      - Limits the server applies to every request before it parses the body or authenticates anyone. A limit
+        left out keeps its default.
+    type: dict
+    default: {}
+    suboptions:
+      max_body_bytes:
+        description:
+          - Largest request body (1024 to 16777216). A larger body is answered 413 before it is read. Default 65536.
+        type: int
+      max_header_bytes:
+        description:
+          - Largest request line plus headers (1024 to 1048576); more closes the connection with 400. Default 16384.
+        type: int
+      keep_alive_seconds:
+        description:
+          - Seconds an idle keep-alive connection stays open (1 to 600). Default 5.
+        type: int
+      read_timeout_seconds:
+        description:
+          - Seconds a client has to send a request's line and headers, then again its body (1 to 600). A slower
+            client is disconnected (headers) or answered 408 (body). Default 10.
+        type: int
+      retry_after_seconds:
+        description:
+          - C(Retry-After) of a 503 answered while the configuration database is unavailable (1 to 3600). Default 5.
+        type: int
   state:
     description:
       - V(present) registers the server and writes its files.
@@ -133,6 +161,8 @@ EXAMPLES = r"""
     secret_path: /var/lib/rmsd/rms1/secret.toml
     tls_certificate: /etc/rmsd/tls/rms1.crt
     tls_key: /etc/rmsd/tls/rms1.key
+    http_limits:
+      max_body_bytes: 131072
     identity_issuer: https://login.corp.example.com
     identity_jwks_uri: https://login.corp.example.com/.well-known/jwks.json
   vars:
@@ -227,6 +257,12 @@ def main():
             tls_certificate=dict(type="path"),
             # A path, not a secret (validate-modules asks because of the name).
             tls_key=dict(type="path", no_log=False),
+            http_limits=dict(type="dict", default={}, options={
+                name: dict(type="int") for name in (
+                    "max_body_bytes", "max_header_bytes", "keep_alive_seconds", "read_timeout_seconds",
+                    "retry_after_seconds",
+                )
+            }),
             state=dict(type="str", choices=["present", "absent"], default="present"),
             **pkcs11_argument_spec(),
         ),

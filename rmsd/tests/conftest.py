@@ -154,13 +154,14 @@ def make_issuer(directory: Path) -> Path:
 
 
 def configure_node(database: Database, directory: Path, issuer_dir: Path, cluster: str = "c1", name: str = "n1",
-                   port: int | None = None, key_password: str | None = KEY_PASSWORD, pkcs11: dict | None = None):
+                   port: int | None = None, key_password: str | None = KEY_PASSWORD, pkcs11: dict | None = None,
+                   **options):
     config_path, secret_path = directory / "etc" / f"{name}.toml", directory / "etc" / f"{name}.secret"
     result = admin.ensure_server(
         cluster=cluster, name=name, key_password=key_password, port=port or free_port(),
         config_path=str(config_path), secret_path=str(secret_path), identity_issuer=demo_issuer.ISSUER,
         identity_audience=demo_issuer.AUDIENCE, identity_jwks_uri=demo_issuer.jwks_uri(issuer_dir), pkcs11=pkcs11,
-        **database.admin_args(),
+        **database.admin_args(), **options,
     )
     return result, config_path, secret_path
 
@@ -186,6 +187,20 @@ def start_node(config_path: Path, log_path: Path, timeout: float = 30.0, verify=
         time.sleep(0.1)
     stop_node(process)
     raise RuntimeError(f"rmsd serve did not answer /health at {url} within {timeout}s:\n{log_path.read_text()}")
+
+
+def eventually(check, timeout: float = 30.0):
+    """Wait for an event: call `check` until it returns instead of failing an assertion, and return what it
+    returns. A node takes up a change when it next reads its cluster; the timeout only keeps a broken node
+    from hanging the suite."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return check()
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def stop_node(process: subprocess.Popen) -> None:
@@ -227,12 +242,19 @@ def any_node(request) -> Node:
     return request.getfixturevalue("node" if request.param == "sqlite" else "pg_node")
 
 
+SUMMARIES = {
+    "kill_point": "crash injection: a rotation killed at each step, then rerun",
+    "hypothesis_cases": "hostile input: generated cases by class, and their outcomes",
+}
+
+
 def pytest_terminal_summary(terminalreporter):
-    """The kill points of the crash tests and what the rerun found (recorded with record_property,
-    which pytest-xdist carries back from its workers)."""
-    lines = [value for report in terminalreporter.stats.get("passed", [])
-             for name, value in getattr(report, "user_properties", []) if name == "kill_point"]
-    if lines:
-        terminalreporter.section("crash injection: a rotation killed at each step, then rerun")
-        for line in sorted(lines):
-            terminalreporter.write_line(line)
+    """What the crash tests and the generated-input tests found (recorded with record_property, which
+    pytest-xdist carries back from its workers)."""
+    for key, title in SUMMARIES.items():
+        lines = [value for report in terminalreporter.stats.get("passed", [])
+                 for name, value in getattr(report, "user_properties", []) if name == key]
+        if lines:
+            terminalreporter.section(title)
+            for line in sorted(lines):
+                terminalreporter.write_line(line)

@@ -11,12 +11,14 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import sqlalchemy as sa
-from conftest import configure_node, make_issuer, provision, sqlite_database
+from conftest import configure_node, make_issuer, provision, sqlite_database, start_node, stop_node
 from starlette.testclient import TestClient
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from rmsd import limits
 from rmsd.client import User
 from rmsd.config import NodeConfig, load_node_config
+from rmsd.errors import RmsdError
 from rmsd.service import create_app, uvicorn_limits
 
 PROBLEM_FIELDS = {"type", "title", "status", "detail", "instance", "request_id"}
@@ -265,7 +267,7 @@ def test_uvicorn_is_given_header_and_keep_alive_limits(tmp_path):
     config = NodeConfig(name="n", cluster="c", database_url="sqlite:///x", listen_address="127.0.0.1", port=1,
                         secret_path="s")
     options = uvicorn_limits(config)
-    assert options["http"] == "h11"
+    assert issubclass(options["http"], H11Protocol)
     assert options["h11_max_incomplete_event_size"] == limits.MAX_HEADER_BYTES
     assert options["timeout_keep_alive"] == limits.KEEP_ALIVE_SECONDS
     tuned = NodeConfig(**{**config.__dict__, "max_header_bytes": 4096, "keep_alive_seconds": 2})
@@ -283,3 +285,87 @@ def test_served_node_refuses_oversize_headers(node):
         status, _headers, _body = _read_response(sock)
     assert status == 400
     assert httpx.get(f"{node.url}/health", timeout=SAFETY_TIMEOUT).status_code == 200
+
+
+# --- time limits: slow clients ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def strict_node(tmp_path_factory):
+    """A node whose clients get one second for their headers, then one for their body."""
+    base = tmp_path_factory.mktemp("strict")
+    database = sqlite_database(base)
+    provision(database)
+    _result, config_path, _secret = configure_node(database, base, make_issuer(base / "issuer"),
+                                                   http_limits={"read_timeout_seconds": 1})
+    assert load_node_config(config_path).read_timeout_seconds == 1
+    url, process = start_node(config_path, base / "serve.log")
+    try:
+        yield url
+    finally:
+        stop_node(process)
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    """Wait (on the socket, up to the safety timeout) until the server closes the connection."""
+    try:
+        while chunk := sock.recv(65536):
+            del chunk
+        return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_headers_that_never_end_are_disconnected(strict_node):
+    sock = _connect(strict_node)
+    with sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: rmsd\r\nX-Slow: ")  # and then nothing
+        assert _closed_by_server(sock)
+    assert httpx.get(f"{strict_node}/health", timeout=SAFETY_TIMEOUT).status_code == 200
+
+
+def test_an_idle_keep_alive_connection_sending_half_a_request_is_disconnected(strict_node):
+    sock = _connect(strict_node)
+    with sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: rmsd\r\n\r\n")
+        data = b""
+        while b'"status":"ok"' not in data:
+            data += sock.recv(65536)
+        sock.sendall(b"GET /health HTTP/1.1\r\n")  # the second request stalls after its request line
+        assert _closed_by_server(sock)
+
+
+def test_a_body_that_never_arrives_is_answered_408(strict_node):
+    sock = _connect(strict_node)
+    with sock:
+        sock.sendall(b"POST /certification HTTP/1.1\r\nHost: rmsd\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"csr\": ")  # 8 of 100 bytes
+        status, headers, body = _read_response(sock)
+    problem = assert_problem(_as_httpx(status, headers, body), 408)
+    assert problem["type"] == "urn:rmsd:problem:body-too-slow" and problem["read_timeout_seconds"] == 1
+    assert headers["connection"] == "close"
+    assert httpx.get(f"{strict_node}/health", timeout=SAFETY_TIMEOUT).status_code == 200
+
+
+def test_malformed_http_is_answered_with_a_problem_document(node):
+    sock = _connect(node.url)
+    with sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: rmsd\r\nBad Header Without Colon\r\n\r\n")
+        status, headers, body = _read_response(sock)
+    assert status == 400 and headers["content-type"] == limits.PROBLEM_JSON
+    assert json.loads(body)["type"] == "urn:rmsd:problem:malformed-http"
+    assert headers["connection"] == "close"
+
+
+@pytest.mark.parametrize("limits_given", [
+    {"max_body_bytes": 10}, {"read_timeout_seconds": 0}, {"keep_alive_seconds": True}, {"max_header_bytes": "16k"},
+    {"max_bodybytes": 1000},
+])
+def test_bad_limits_are_refused_before_anything_is_written(tmp_path, limits_given):
+    database = sqlite_database(tmp_path)
+    provision(database)
+    with pytest.raises(RmsdError, match="HTTP limit"):
+        configure_node(database, tmp_path, make_issuer(tmp_path / "issuer"), http_limits=limits_given)
+    assert not (tmp_path / "etc").exists() or not list((tmp_path / "etc").iterdir())

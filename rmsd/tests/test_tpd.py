@@ -10,12 +10,14 @@ import subprocess
 import jwcrypto.jwa
 import pytest
 from asn1crypto import pem
-from conftest import KEY_PASSWORD, _running_node, sqlite_database
+from conftest import KEY_PASSWORD, _running_node, eventually, sqlite_database
+from cryptography.hazmat.primitives.asymmetric import rsa
 from jwcrypto import jwe, jwk
 
-from rmsd import admin, tpd
+from rmsd import admin, pkcs8, tpd
 from rmsd.client import RmsClient, ServiceError, User, decrypt_content, encrypt_content, open_use_license
 from rmsd.errors import RmsdError
+from rmsd.keys import key_id_of, public_pem
 
 TPD_PASSWORD = "tpd-Backup-Pass-5c81f0"
 
@@ -123,8 +125,16 @@ def test_restore_drill_opens_old_content_in_a_new_cluster(source, tmp_path):
         imported = next(k for k in info["cluster_keys"] if k["id"] == source["key_id"])
         assert imported["status"] == "archived" and imported["imported_from"] == "c1"
         assert info["cluster"]["active_key_id"] != source["key_id"]
-        # The old RAC (from the imported root key) and the old PL work again.
-        ul = client.license(source["bob"], source["pl"]["pl"])
+        # The old RAC (from the imported root key) and the old PL work again, once the node has read the
+        # imported trust (it re-reads it on an untrusted RAC, at most once a second).
+        def licensed():
+            try:
+                return client.license(source["bob"], source["pl"]["pl"])
+            except ServiceError as refused:
+                assert refused.status != 403, refused.detail
+                raise
+
+        ul = eventually(licensed)
         _claims, opened = open_use_license(ul["ul"], client.slc()["chain"][0], source["bob"])
         assert decrypt_content(opened, source["blob"]) == b"the design"
         alice = source["alice"]
@@ -161,3 +171,25 @@ def test_tpd_password_and_paths_are_checked(source, tmp_path):
         tpd_call(source["node"], tmp_path / "missing.tpd", state="imported")
     armored = pem.armor("X", b"y")
     assert armored  # asn1crypto is what wraps the keys inside
+
+
+@pytest.mark.parametrize(("bits", "exponent"), [(1024, 65537), (2048, 3)])
+def test_weak_keys_in_a_tpd_are_refused_before_anything_is_imported(source, tmp_path, bits, exponent):
+    path = tmp_path / "c1.tpd"
+    tpd_call(source["node"], path)
+    document = tpd.unseal(path.read_text(), TPD_PASSWORD)
+    weak = rsa.generate_private_key(public_exponent=exponent, key_size=bits)
+    document["keys"].append({
+        **document["keys"][0], "id": key_id_of(weak.public_key()), "status": "archived", "size": bits,
+        "public_key_pem": public_pem(weak.public_key()),
+        "private_key_pem": pem.armor("ENCRYPTED PRIVATE KEY", pkcs8.encrypt(weak, TPD_PASSWORD)).decode(),
+    })
+    path.write_text(tpd.seal(document, TPD_PASSWORD))
+    target = sqlite_database(tmp_path / "target")
+    admin.ensure_cluster(name="c1", key_password=KEY_PASSWORD, intranet_url="https://rms.example.com",
+                         **target.admin_args())
+    before = target.dump()
+    for check_mode in (True, False):
+        with pytest.raises(RmsdError, match="too weak.*2048 bits or more and public exponent 65537"):
+            tpd_call(target, path, state="imported", check_mode=check_mode)
+    assert target.dump() == before

@@ -17,6 +17,7 @@ from rmsd import enrollment as enrollment_lib
 from rmsd.config import (
     NodeConfig,
     Secrets,
+    check_http_limits,
     check_tls_paths,
     check_tls_validity,
     load_tls_files,
@@ -854,11 +855,13 @@ def _template_view(row) -> dict:
 def ensure_server(
     *, cluster, name, database_url, database_password=None, key_password=None, previous_key_password=None,
     listen_address="127.0.0.1", port=8080, config_path, secret_path, identity_issuer=None, identity_audience="rmsd",
-    identity_jwks_uri=None, pkcs11=None, tls_certificate=None, tls_key=None, state="present", check_mode=False,
+    identity_jwks_uri=None, pkcs11=None, tls_certificate=None, tls_key=None, http_limits=None, state="present",
+    check_mode=False,
 ) -> Result:
     """A node of `cluster`: registered, with its configuration file and its 0600 secret file. A node of
     a pkcs11 cluster gets the token (`pkcs11`: module, token_label, pin; the PIN goes to the secret file).
-    With `tls_certificate` and `tls_key` (paths of PEM files already on the node) it serves HTTPS."""
+    With `tls_certificate` and `tls_key` (paths of PEM files already on the node) it serves HTTPS.
+    `http_limits`: rmsd.limits.HTTP_LIMITS to set (the others keep their defaults)."""
     _check_name("cluster", cluster)
     _check_name("server name", name)
     for what, path in (("config_path", config_path), ("secret_path", secret_path)):
@@ -877,6 +880,7 @@ def ensure_server(
         if not 1 <= int(port) <= 65535:
             raise RmsdError(f"port {port} is out of range 1-65535")
         check_tls_paths(tls_certificate, tls_key)
+        chosen_limits = check_http_limits(http_limits)
         warnings = _check_tls_files(tls_certificate, tls_key, check_mode) if tls_certificate else []
         token = TokenSettings.from_options(pkcs11)
         config = NodeConfig(
@@ -884,7 +888,7 @@ def ensure_server(
             secret_path=secret_path, identity_issuer=identity_issuer, identity_audience=identity_audience,
             identity_jwks_uri=identity_jwks_uri, pkcs11_module=token and token.module,
             pkcs11_token_label=token and token.token_label, tls_certificate=tls_certificate or None,
-            tls_key=tls_key or None,
+            tls_key=tls_key or None, **chosen_limits,
         )
         secrets = Secrets(key_password=key_password, previous_key_password=previous_key_password or None,
                           database_password=database_password, pkcs11_pin=token and token.pin)

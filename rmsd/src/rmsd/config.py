@@ -14,6 +14,31 @@ from cryptography.hazmat.primitives import serialization
 
 from rmsd.errors import RmsdError
 
+# The limits a node's configuration may set, each with the smallest and largest value it accepts.
+HTTP_LIMITS = {
+    "max_body_bytes": (1024, 16 * 1024 * 1024),
+    "max_header_bytes": (1024, 1024 * 1024),
+    "keep_alive_seconds": (1, 600),
+    "read_timeout_seconds": (1, 600),
+    "retry_after_seconds": (1, 3600),
+}
+
+
+def check_http_limits(given: dict | None) -> dict:
+    """The HTTP limits a node is configured with: known names, whole numbers in range (RmsdError otherwise).
+    A limit left out or null keeps its default."""
+    chosen = {}
+    for name, value in (given or {}).items():
+        if name not in HTTP_LIMITS:
+            raise RmsdError(f"unknown HTTP limit {name!r}; the limits are {', '.join(HTTP_LIMITS)}")
+        if value is None:
+            continue
+        low, high = HTTP_LIMITS[name]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise RmsdError(f"HTTP limit {name} must be a whole number from {low} to {high}, not {value!r}")
+        chosen[name] = value
+    return chosen
+
 
 @dataclass(frozen=True)
 class NodeConfig:
@@ -44,6 +69,9 @@ class NodeConfig:
     keep_alive_seconds: int | None = None
     # Retry-After, in seconds, on a 503 while the configuration database is unavailable (default 5).
     retry_after_seconds: int | None = None
+    # Seconds a client has to send a request's line and headers, then again its body (default 10); a client
+    # slower than that is disconnected (headers) or answered 408 (body).
+    read_timeout_seconds: int | None = None
 
     @property
     def tls(self) -> bool:

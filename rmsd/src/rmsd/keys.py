@@ -21,6 +21,15 @@ def key_id_of(public_key) -> str:
     return hashlib.sha256(spki).hexdigest()[:40]
 
 
+def check_strength(public_key, what: str) -> None:
+    """The policy for every RSA key rmsd holds or certifies: 2048 bits or more, public exponent 65537."""
+    if not isinstance(public_key, rsa.RSAPublicKey):
+        raise RmsdError(f"{what} is not an RSA key")
+    if public_key.key_size < min(KEY_SIZES) or public_key.public_numbers().e != 65537:
+        raise RmsdError(f"{what} is too weak: RSA keys need {min(KEY_SIZES)} bits or more and public exponent 65537 "
+                        f"(it has {public_key.key_size} bits, exponent {public_key.public_numbers().e})")
+
+
 def public_pem(public_key) -> str:
     return public_key.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo

@@ -7,9 +7,13 @@
 - A request body limit, enforced as pure ASGI before anything parses or authenticates: a Content-Length
   over the limit is refused at once, a body of unknown length is counted while it streams and refused at
   the limit, so a request never holds more than the limit in memory.
+- A read time limit, for clients that send slowly (slowloris): a request's line and headers must arrive
+  within it once the connection is ready for them (else the connection is closed), its body within it once
+  the headers are in (else 408). Both before anything parses the body or authenticates.
 - A configuration database outage is logged once when it starts, then as a count, and once when it ends.
 """
 
+import asyncio
 import json
 import logging
 import threading
@@ -17,6 +21,7 @@ import time
 import uuid
 from http import HTTPStatus
 
+import h11
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -28,6 +33,7 @@ MAX_BODY_BYTES = 64 * 1024  # the largest request (a PL to license, a CSR) is we
 MAX_HEADER_BYTES = 16 * 1024  # request line and headers (a bearer token is a few KiB)
 KEEP_ALIVE_SECONDS = 5  # an idle keep-alive connection is closed after this
 RETRY_AFTER_SECONDS = 5  # what a 503 asks the caller to wait
+READ_TIMEOUT_SECONDS = 10  # for the request line and headers, then again for the body
 OUTAGE_SUMMARY_SECONDS = 60.0  # while the database is down, how often the refusals are summed up in the log
 PROBLEM_BASE = "urn:rmsd:problem:"
 # Methods whose request carries a JSON body in this service.
@@ -78,14 +84,30 @@ def too_large(limit: int, scope) -> JSONResponse:
     )
 
 
+class BodyTooSlow(HTTPException):
+    """Raised by the timed `receive` when a body has not arrived within the read time limit."""
+
+    def __init__(self, seconds: float):
+        super().__init__(408, f"the request body did not arrive within {seconds:g} seconds of its headers")
+        self.seconds = seconds
+
+
+def too_slow(seconds: float, scope) -> JSONResponse:
+    return problem(
+        408, f"the request body did not arrive within {seconds:g} seconds of its headers", kind="body-too-slow",
+        request=scope, headers={"Connection": "close"}, read_timeout_seconds=seconds,
+    )
+
+
 class RequestGuard:
     """Pure ASGI, outermost of the application's own middleware: gives each request an id, enforces the
-    body limit before anything reads the body, and turns an unexpected exception into a logged 500
-    problem document carrying the request id."""
+    body size and time limits before anything reads the body, and turns an unexpected exception into a
+    logged 500 problem document carrying the request id."""
 
-    def __init__(self, app, max_body_bytes: int = MAX_BODY_BYTES):
+    def __init__(self, app, max_body_bytes: int = MAX_BODY_BYTES, read_timeout_seconds: float = READ_TIMEOUT_SECONDS):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.read_timeout_seconds = read_timeout_seconds
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -111,14 +133,23 @@ class RequestGuard:
             return
 
         received = 0
+        body_done = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.read_timeout_seconds
 
         async def counting_receive():
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # e.g. a wait for the client to disconnect: no time limit
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0))
+            except TimeoutError:
+                raise BodyTooSlow(self.read_timeout_seconds) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise BodyTooLarge(limit)
+                body_done = not message.get("more_body", False)
             return message
 
         try:
@@ -127,6 +158,12 @@ class RequestGuard:
             if started:
                 raise
             await too_large(limit, scope)(scope, receive, send_with_id)
+        except BodyTooSlow:
+            if started:
+                raise
+            log.info("request %s: body not received within %g s; connection closed", request_id,
+                     self.read_timeout_seconds)
+            await too_slow(self.read_timeout_seconds, scope)(scope, receive, send_with_id)
         except Exception:
             log.exception("unexpected error serving %s %s (request id %s)", scope.get("method"), scope.get("path"),
                           request_id)
@@ -179,6 +216,8 @@ def http_problem(request, exc: HTTPException) -> JSONResponse:
     headers = dict(exc.headers or {})
     if isinstance(exc, BodyTooLarge):
         return too_large(exc.limit, request.scope)
+    if isinstance(exc, BodyTooSlow):
+        return too_slow(exc.seconds, request.scope)
     if status == 404:
         detail = f"{request.url.path} is not a resource of this node"
     elif status == 405:
@@ -239,3 +278,60 @@ def require_json(request: Request) -> None:
     if request.method in BODY_METHODS and not is_json(request.headers.get("content-type")):
         given = request.headers.get("content-type") or "none"
         raise HTTPException(415, f"the request body must be application/json (Content-Type: {given[:100]})")
+
+
+def guarded_h11(read_timeout_seconds: float = READ_TIMEOUT_SECONDS):
+    """uvicorn's h11 protocol with two changes: a request's line and headers must arrive within
+    `read_timeout_seconds` once the connection is ready for them (a client that sends them slowly, or
+    not at all, is disconnected instead of holding the connection open), and a request h11 cannot parse
+    is answered with a problem document like every other error, not plain text."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        _header_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # the request's headers are in
+                self._cancel_header_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                self._arm_header_timer()
+
+        def connection_lost(self, exc) -> None:
+            self._cancel_header_timer()
+            super().connection_lost(exc)
+
+        def _arm_header_timer(self) -> None:
+            self._cancel_header_timer()
+            self._header_timer = self.loop.call_later(read_timeout_seconds, self._headers_too_slow)
+
+        def _cancel_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_too_slow(self) -> None:
+            self._header_timer = None
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                log.info("request headers not received within %g s; connection closed", read_timeout_seconds)
+                self.transport.close()
+
+        def send_400_response(self, msg: str) -> None:
+            body = json.dumps({
+                "type": f"{PROBLEM_BASE}malformed-http", "title": "Bad Request", "status": 400,
+                "detail": "the request is not valid HTTP/1.1 (request line or headers); the connection is closed",
+            }).encode()
+            headers = [(b"content-type", PROBLEM_JSON.encode()), (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                          h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
+    return GuardedH11Protocol

@@ -14,11 +14,23 @@ from cryptography.hazmat.primitives import serialization
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from rmsd import __version__, clusters, db, keys, licenses, limits, pki
+from rmsd import __version__, clusters, contract, db, keys, licenses, limits, pki
 from rmsd.config import NodeConfig, check_tls_paths, load_secrets, load_tls_files
+from rmsd.contract import (
+    CertificationRequest,
+    Enrollment,
+    EnrollmentRequest,
+    Health,
+    LicensingRequest,
+    Problem,
+    PublishingLicense,
+    PublishingRequest,
+    Rac,
+    Slc,
+    UseLicense,
+)
 from rmsd.errors import (
     AuthenticationError,
     ForbiddenError,
@@ -342,114 +354,6 @@ def _b64url_decode(value: str, what: str) -> bytes:
 # --- HTTP ----------------------------------------------------------------------------------------
 
 
-class CertificationRequest(BaseModel):
-    csr: str = Field(max_length=16384, description="PEM PKCS#10 request with the user's RSA public key")
-
-
-class PublishingRequest(BaseModel):
-    content_id: str = Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")
-    content_key: str = Field(max_length=128, description="the content's AES-256 key, base64url")
-    rights: dict[str, list[str]] = Field(
-        default_factory=dict, max_length=256,
-        description=(
-            "principal -> rights (OWNER, VIEW, EDIT, PRINT, EXPORT, EXTRACT, FORWARD, REPLY); added to the template's. "
-            "A principal is `user:ID` (the user whose bearer-token `sub` is exactly ID), `group:NAME` (anyone whose "
-            "token's `groups` claim holds exactly NAME), or a bare ID meaning `user:ID`. ID and NAME: 1 to 256 "
-            "Unicode characters, no control characters; compared exactly (case-sensitive, no normalization). A bare "
-            "ID whose text before its first ':' reads as 'user' or 'group' in any case (e.g. `Group:x`) is refused "
-            "as ambiguous (400): write `user:Group:x`. A user's own id never matches a `group:` principal."
-        ),
-    )
-    template: str | None = Field(
-        default=None, min_length=1, max_length=64, description="a rights policy template of this cluster"
-    )
-    supersedes: str | None = Field(
-        default=None, pattern=r"^[0-9a-f]{32}$",
-        description="republishing: the pl_id of the owner's publishing license this one replaces",
-    )
-
-
-class EnrollmentRequest(BaseModel):
-    cluster: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="the licensing cluster")
-    csr: str = Field(max_length=16384, description="PEM PKCS#10 request signed by the licensing cluster key")
-    intranet_url: str = Field(max_length=512, pattern=r"^https?://")
-    extranet_url: str | None = Field(default=None, max_length=512, pattern=r"^https?://")
-    credential: str = Field(min_length=1, max_length=512, description="the enrollment credential's secret")
-    revoked_key_ids: list[str] = Field(
-        default_factory=list, max_length=64,
-        description="keys of this licensing cluster it revoked as compromised; never enrolled again",
-    )
-
-
-class LicensingRequest(BaseModel):
-    pl: str = Field(max_length=65536, description="the publishing license (compact JWS)")
-    rac: str = Field(max_length=16384, description="the requester's RAC (PEM)")
-
-
-class Health(BaseModel):
-    status: str
-    cluster: str
-    node: str
-    role: str
-    state: str
-    active_key_id: str
-    version: str
-    started_at: str = Field(description="when this node's process started (a restart drops every key it held)")
-    restart_advised: bool = Field(
-        description="a cluster key was revoked as compromised since this process started: it may still hold a copy "
-        "of that key in memory; restart it (drained) to be sure it holds none"
-    )
-
-
-class Slc(BaseModel):
-    cluster: str
-    role: str
-    state: str
-    intranet_url: str
-    extranet_url: str | None
-    key_id: str
-    chain: list[str] = Field(description="the cluster's SLC, then the root SLC it chains to (licensing clusters)")
-    revoked_key_ids: list[str] = Field(
-        description="this cluster's keys revoked as compromised: trust nothing they signed"
-    )
-
-
-class Enrollment(BaseModel):
-    slc: str
-    chain: list[str]
-
-
-class Rac(BaseModel):
-    rac: str
-    chain: list[str]
-
-
-class PublishingLicense(BaseModel):
-    pl: str
-    pl_id: str
-    content_id: str
-    key_id: str
-    supersedes: str | None = None
-
-
-class UseLicense(BaseModel):
-    ul: str
-    content_id: str
-    rights: list[str]
-
-
-class Problem(BaseModel):
-    """RFC 9457 problem document (application/problem+json): the answer to every error."""
-
-    type: str = Field(description="urn:rmsd:problem:NAME, or about:blank when the status says it all")
-    title: str
-    status: int
-    detail: str = Field(description="what went wrong and what to do about it")
-    instance: str | None = Field(default=None, description="urn:uuid:REQUEST-ID of this request")
-    request_id: str | None = Field(default=None, description="the id this request is logged with")
-    error: str | None = Field(default=None, description="the refusal's name (e.g. ForbiddenError)")
-
-
 ERRORS = {
     AuthenticationError: 401,
     ForbiddenError: 403,
@@ -457,7 +361,7 @@ ERRORS = {
     InvalidRequestError: 400,
     RevokedError: 410,
 }
-PROBLEMS = {code: {"model": Problem} for code in (400, 401, 403, 404, 409, 410, 413, 415, 500, 503)}
+PROBLEMS = {code: {"model": Problem} for code in (400, 401, 403, 404, 408, 409, 410, 413, 415, 500, 503)}
 PROBLEM_KINDS = {
     AuthenticationError: "unauthenticated",
     ForbiddenError: "forbidden",
@@ -480,11 +384,15 @@ def create_app(config: NodeConfig) -> FastAPI:
         yield
         node.stop()
 
+    # No /docs or /redoc: their pages load scripts from a CDN, blank on an offline network. /openapi.json is
+    # the contract; any OpenAPI viewer renders it.
     app = FastAPI(title="rmsd", version=__version__, lifespan=lifespan, responses=PROBLEMS,
-                  dependencies=[Depends(limits.require_json)])
+                  dependencies=[Depends(limits.require_json)], docs_url=None, redoc_url=None)
+    app.openapi = lambda: app.openapi_schema or _documented(app)
     app.state.node = node
     # Outermost of the app's own middleware: ids, the body limit and unexpected errors come first.
-    app.add_middleware(limits.RequestGuard, max_body_bytes=config.max_body_bytes or limits.MAX_BODY_BYTES)
+    app.add_middleware(limits.RequestGuard, max_body_bytes=config.max_body_bytes or limits.MAX_BODY_BYTES,
+                       read_timeout_seconds=config.read_timeout_seconds or limits.READ_TIMEOUT_SECONDS)
     outage = limits.OutageLog()
     app.state.outage = outage
     sa.event.listen(node.engine, "after_cursor_execute", outage.succeeded)  # a statement ran: it is back
@@ -520,7 +428,7 @@ def create_app(config: NodeConfig) -> FastAPI:
 
     User = Annotated[Principal, Depends(authenticated)]
 
-    @app.get("/health", response_model=Health, tags=["node"])
+    @app.get("/health", response_model=Health, operation_id="health", **_docs("health"), tags=["node"])
     def health():
         state = node.state(refresh=True)  # cheap, and what a rotation changed shows at once
         return Health(
@@ -529,7 +437,7 @@ def create_app(config: NodeConfig) -> FastAPI:
             restart_advised=any(at >= node.started_at for at in state.revoked.values()),
         )
 
-    @app.get("/slc", response_model=Slc, tags=["node"])
+    @app.get("/slc", response_model=Slc, operation_id="slc", **_docs("slc"), tags=["node"])
     def slc():
         # Always read afresh: licensing clusters learn here that the root key changed or was revoked.
         state = node.state(refresh=True)
@@ -539,24 +447,36 @@ def create_app(config: NodeConfig) -> FastAPI:
             revoked_key_ids=state.revoked_key_ids,
         )
 
-    @app.post("/certification", response_model=Rac, tags=["certification"])
+    @app.post("/certification", response_model=Rac, operation_id="certify", **_docs("certify"), tags=["certification"])
     def certification(body: CertificationRequest, principal: User):
         return node.certify(principal, body.csr)
 
-    @app.post("/publishing", response_model=PublishingLicense, tags=["publishing"])
+    @app.post("/publishing", response_model=PublishingLicense, operation_id="publish", **_docs("publish"),
+              tags=["publishing"])
     def publishing(body: PublishingRequest, principal: User):
         return node.publish(principal, body.content_id, body.content_key, body.rights, body.template, body.supersedes)
 
-    @app.post("/licensing", response_model=UseLicense, tags=["licensing"])
+    @app.post("/licensing", response_model=UseLicense, operation_id="license", **_docs("license"), tags=["licensing"])
     def licensing(body: LicensingRequest, principal: User):
         return node.license(principal, body.pl, body.rac)
 
-    @app.post("/enrollment", response_model=Enrollment, tags=["enrollment"])
+    @app.post("/enrollment", response_model=Enrollment, operation_id="enroll", **_docs("enroll"), tags=["enrollment"])
     def enrollment(body: EnrollmentRequest):
         urls = [u for u in (body.intranet_url, body.extranet_url) if u]
         return node.enroll(body.cluster, body.credential, body.csr, urls, body.revoked_key_ids)
 
     return app
+
+
+def _docs(operation_id: str) -> dict:
+    return {k: v for k, v in contract.OPERATIONS[operation_id].items() if k != "links"}
+
+
+def _documented(app: FastAPI) -> dict:
+    from fastapi.openapi.utils import get_openapi
+
+    app.openapi_schema = contract.document(get_openapi(title=app.title, version=app.version, routes=app.routes))
+    return app.openapi_schema
 
 
 def check_tls(config: NodeConfig) -> dict:
@@ -594,9 +514,10 @@ def serve(config: NodeConfig) -> None:
 
 def uvicorn_limits(config: NodeConfig) -> dict:
     """uvicorn's own limits, applied before the application sees a request: the h11 parser (where
-    h11_max_incomplete_event_size bounds request line and headers), the keep-alive time; no Server header."""
+    h11_max_incomplete_event_size bounds request line and headers, and the guarded protocol the time
+    they may take), the keep-alive time; no Server header."""
     return {
-        "http": "h11",
+        "http": limits.guarded_h11(config.read_timeout_seconds or limits.READ_TIMEOUT_SECONDS),
         "h11_max_incomplete_event_size": config.max_header_bytes or limits.MAX_HEADER_BYTES,
         "timeout_keep_alive": config.keep_alive_seconds or limits.KEEP_ALIVE_SECONDS,
         "server_header": False,

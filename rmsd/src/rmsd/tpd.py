@@ -19,7 +19,7 @@ from joserfc.jwk import OctKey
 
 from rmsd import clusters, pkcs8, pki
 from rmsd.errors import RmsdError
-from rmsd.keys import KeyNotExportable, KeyProvider, NewKey, key_id_of
+from rmsd.keys import KeyNotExportable, KeyProvider, NewKey, check_strength, key_id_of
 from rmsd.schema import certificates, content, rights_templates
 
 FORMAT, VERSION = "rmsd-tpd", 1
@@ -131,7 +131,12 @@ def import_plan(conn: sa.Connection, row, document: dict) -> dict:
             # A compromise travels; nothing else about a key this cluster already has changes.
             if key["status"] == "compromised" and statuses[key["id"]] != "compromised":
                 plan["compromise"].append(key["id"])
-        elif key["private_key_pem"] or key["status"] == "compromised":
+        elif key["private_key_pem"]:
+            # Checked before anything is written: a weak key is refused, not archived.
+            check_strength(serialization.load_pem_public_key(key["public_key_pem"].encode()),
+                           f"key {key['id']} in the trusted publishing domain")
+            plan["keys"].append(key["id"])
+        elif key["status"] == "compromised":  # kept public-only: it never signs or opens anything again
             plan["keys"].append(key["id"])
         else:
             plan["skipped"].append({"id": key["id"], "reason": key["not_exported"]})
