@@ -2,6 +2,7 @@
 at authentication with a 4xx; the principal grammar (`user:ID`, `group:NAME`, bare ID); exact identity
 comparisons; required token claims; RAC key and validity limits. Against the shared running node."""
 
+import math
 import os
 import shutil
 import subprocess
@@ -306,6 +307,47 @@ def test_weak_rac_keys_are_refused(node, client, exponent, bits, says):
     key = rsa.generate_private_key(public_exponent=exponent, key_size=bits)
     response = _post(client, "/certification", node.token("kim@example.com"), {"csr": _csr(key)})
     assert response.status_code == 400 and says in response.json()["detail"], response.text
+
+
+def _rsa_key(bits: int, exponent: int):
+    """An RSA key with any public exponent (cryptography makes only 3 and 65537): primes from a generated key,
+    the private exponent computed for `exponent`."""
+    while True:
+        numbers = rsa.generate_private_key(public_exponent=65537, key_size=bits).private_numbers()
+        p, q = numbers.p, numbers.q
+        lam = math.lcm(p - 1, q - 1)
+        if math.gcd(exponent, lam) == 1:
+            d = pow(exponent, -1, lam)
+            public = rsa.RSAPublicNumbers(exponent, p * q)
+            return rsa.RSAPrivateNumbers(p, q, d, d % (p - 1), d % (q - 1), rsa.rsa_crt_iqmp(p, q),
+                                         public).private_key()
+
+
+def test_generated_rac_keys_are_certified_only_when_strong(node, client, record_property):
+    """RAC requests with keys of generated sizes and public exponents: certified exactly when the key has
+    2048 bits or more and exponent 65537, refused with a 400 that names the rule otherwise."""
+    outcomes = {"certified": 0, "refused 400": 0}
+    made: dict = {}  # one key per (exponent, bits): generating RSA keys is the slow part
+
+    @given(exponent=st.sampled_from([3, 5, 17, 257, 65537, 65539]), bits=st.sampled_from([1024, 1536, 2048, 2056]))
+    @settings(max_examples=24, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    def check(exponent, bits):
+        if (exponent, bits) not in made:
+            made[exponent, bits] = _rsa_key(bits, exponent)
+        key = made[exponent, bits]
+        response = _post(client, "/certification", node.token("gen-key@example.com"), {"csr": _csr(key)})
+        if bits >= 2048 and exponent == 65537:
+            assert response.status_code == 200, response.text
+            outcomes["certified"] += 1
+        else:
+            assert response.status_code == 400, response.text
+            assert "2048" in response.json()["detail"] or "65537" in response.json()["detail"]
+            outcomes["refused 400"] += 1
+
+    check()
+    _report("RAC key size and exponent", outcomes, record_property)
+    assert all(outcomes.values())
 
 
 def test_issued_rac_validity_is_bounded(node, client):

@@ -369,3 +369,108 @@ def test_bad_limits_are_refused_before_anything_is_written(tmp_path, limits_give
     with pytest.raises(RmsdError, match="HTTP limit"):
         configure_node(database, tmp_path, make_issuer(tmp_path / "issuer"), http_limits=limits_given)
     assert not (tmp_path / "etc").exists() or not list((tmp_path / "etc").iterdir())
+
+
+# --- generated: bodies of every size and chunking, slow bodies ------------------------------------------
+
+
+def test_generated_bodies_are_refused_exactly_over_the_limit(record_property):
+    """Any body, in any chunks, with or without a declared length: read whole when it fits the limit, refused
+    with 413 (and no chunk read past the first one over it) when it does not."""
+    import asyncio
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    limit = 4096
+    outcomes = {"read whole": 0, "refused 413": 0}
+
+    async def reading_app(scope, receive, send):
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    @given(sizes=st.lists(st.integers(0, 3000), min_size=1, max_size=12), declared=st.booleans())
+    @settings(max_examples=300, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    def check(sizes, declared):
+        chunks = [b"x" * n for n in sizes]
+        total = sum(sizes)
+        pulled, sent = 0, []
+
+        async def receive():
+            nonlocal pulled
+            pulled += 1
+            assert pulled <= len(chunks), "read past the end"
+            return {"type": "http.request", "body": chunks[pulled - 1], "more_body": pulled < len(chunks)}
+
+        async def send(message):
+            sent.append(message)
+
+        headers = [(b"content-length", str(total).encode())] if declared else [(b"transfer-encoding", b"chunked")]
+        scope = {"type": "http", "method": "POST", "path": "/x", "headers": headers}
+        asyncio.run(limits.RequestGuard(reading_app, max_body_bytes=limit)(scope, receive, send))
+        status = sent[0]["status"]
+        if total <= limit:
+            assert status == 200 and pulled == len(chunks)
+            outcomes["read whole"] += 1
+            return
+        assert status == 413
+        over_at = next(i for i in range(len(sizes)) if sum(sizes[:i + 1]) > limit) + 1
+        assert pulled == (0 if declared else over_at)  # a declared length is refused before any read
+        outcomes["refused 413"] += 1
+
+    check()
+    line = f"body sizes and chunkings: {sum(outcomes.values())} cases ({outcomes}), 0 5xx"
+    record_property("hypothesis_cases", line)
+    assert all(outcomes.values())
+
+
+def test_generated_slow_bodies_get_408_and_fast_ones_are_served(record_property):
+    """A body whose chunks stall is answered 408 wherever it stalls; one that arrives is read whole."""
+    import asyncio
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    outcomes = {"served": 0, "refused 408": 0}
+
+    async def reading_app(scope, receive, send):
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    @given(count=st.integers(1, 6), stall_at=st.one_of(st.none(), st.integers(0, 5)))
+    @settings(max_examples=20, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    def check(count, stall_at):
+        stall_at = None if stall_at is None or stall_at >= count else stall_at
+        pulled, sent = 0, []
+        never = asyncio.Event()
+
+        async def receive():
+            nonlocal pulled
+            pulled += 1
+            if pulled - 1 == stall_at:
+                await never.wait()  # the client stops sending: only the guard's deadline ends this
+            return {"type": "http.request", "body": b"x", "more_body": pulled < count}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/x", "headers": [(b"transfer-encoding", b"chunked")]}
+        # Long enough that a body arriving at once is served on a busy machine too; each stall costs this much.
+        guard = limits.RequestGuard(reading_app, read_timeout_seconds=0.5)
+        asyncio.run(guard(scope, receive, send))
+        if stall_at is None:
+            assert sent[0]["status"] == 200
+            outcomes["served"] += 1
+        else:
+            assert sent[0]["status"] == 408 and (b"connection", b"close") in sent[0]["headers"]
+            outcomes["refused 408"] += 1
+
+    check()
+    record_property("hypothesis_cases", f"slow bodies: {sum(outcomes.values())} cases ({outcomes}), 0 5xx")
+    assert all(outcomes.values())

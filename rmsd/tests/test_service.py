@@ -192,12 +192,14 @@ def test_valid_token_is_accepted(node, client):
 
 def test_publishing_validates_the_content_key(node, client):
     headers = {"Authorization": f"Bearer {node.token('alice@example.com')}"}
-    for key in (_b64(os.urandom(16)), "!!!"):
+    # The schema says what a content key and a right are: anything else is refused with 422 and where.
+    for key in (_b64(os.urandom(16)), "!!!", _b64(os.urandom(33))):
         body = {"content_id": "x", "content_key": key, "rights": {"bob@example.com": ["VIEW"]}}
-        assert client.http.post("/publishing", json=body, headers=headers).status_code == 400
+        response = client.http.post("/publishing", json=body, headers=headers)
+        assert response.status_code == 422 and "content_key" in response.json()["detail"], response.text
     body = {"content_id": "x", "content_key": _b64(os.urandom(32)), "rights": {"bob@example.com": ["FLY"]}}
     response = client.http.post("/publishing", json=body, headers=headers)
-    assert response.status_code == 400 and "FLY" in response.json()["detail"]
+    assert response.status_code == 422 and "'OWNER'" in response.json()["detail"], response.text
 
 
 def test_round_trip_on_every_backend(any_node):
