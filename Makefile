@@ -42,7 +42,7 @@ venv: $(VENV_STAMP)
 $(VENV_STAMP): constraints.txt rmsd/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c constraints.txt \
-		-e 'rmsd[test]' ansible-core molecule ansible-lint ruff jwcrypto schemathesis pytest supervisor
+		-e 'rmsd[test]' ansible-core molecule ansible-lint ruff mypy jwcrypto schemathesis pytest supervisor
 	touch $@
 
 collection: $(COLLECTION_LINK)
@@ -70,6 +70,7 @@ test: venv collection
 # instead of a built copy (and never reach for Ansible Galaxy).
 lint: venv collection
 	$(BIN)/ruff check rmsd plugins tests scripts benchmarks roles/server/files molecule
+	cd rmsd && $(BIN)/mypy
 	@# ansible-lint installs this collection into ANSIBLE_HOME and keeps that copy while galaxy.yml's
 	@# version stays the same: remove it, so the working tree is what gets linted.
 	rm -rf $(BUILD)/ansible-home/collections

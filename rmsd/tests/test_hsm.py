@@ -19,10 +19,11 @@ from conftest import KEY_PASSWORD, configure_node, make_issuer, provision, sqlit
 from jwcrypto import jwk, jws
 from pkcs11 import Attribute, KeyType, ObjectClass
 
-from rmsd import admin, hsm
+from rmsd import admin
 from rmsd.client import RmsClient, ServiceError, User, decrypt_content, encrypt_content, open_use_license
 from rmsd.errors import RmsdError
 from rmsd.keys import TokenSettings
+from rmsd.keys import pkcs11 as token_keys
 from rmsd.schema import cluster_keys
 
 MODULE = os.environ.get("RMSD_TEST_PKCS11_MODULE", "/usr/lib/softhsm/libsofthsm2.so")
@@ -58,7 +59,7 @@ def token(softhsm):
 def token_session(token):
     """A logged-in session on the token. PKCS#11 login is per process, and closing a logged-in session
     logs the whole process out: share rmsd's session (a plain python-pkcs11 one) and never close it."""
-    return hsm._Token.session(TokenSettings(**token))
+    return token_keys._Token.session(TokenSettings(**token))
 
 
 def key_rows(database) -> list:
@@ -214,7 +215,7 @@ def test_compromised_token_key_is_replaced_in_the_token(tmp_path, token, action,
 
 KILLER = textwrap.dedent("""
     import json, sys
-    from rmsd import admin, hsm
+    from rmsd import admin
     token = json.loads(sys.argv[3])
     result = admin.ensure_cluster_key(cluster="c1", database_url=sys.argv[1], pkcs11=token,
                                       compromised_keys=[sys.argv[2]], compromised_key_in_token="destroy")

@@ -85,7 +85,7 @@ def test_enrollment_needs_a_valid_credential_for_this_cluster(tmp_path, node, ca
 
 def test_enrollment_without_a_credential_says_how_to_get_one(tmp_path, node):
     database = sqlite_database(tmp_path)
-    with pytest.raises(RmsdError, match="rmsops.rms.enrollment_credential"):
+    with pytest.raises(RmsdError, match="create an enrollment credential on the root cluster"):
         licensing(database, node, "no-credential", credential_secret=None)
     assert database.dump() is None
 

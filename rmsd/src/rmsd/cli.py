@@ -73,15 +73,15 @@ def _tls_key(path: Path, key_type: str):
         except OSError as err:
             raise RmsdError(f"cannot read the key file {path}: {err.strerror}") from None
         try:
-            key = serialization.load_pem_private_key(data, password=None)
+            loaded = serialization.load_pem_private_key(data, password=None)
         except (TypeError, ValueError, UnsupportedAlgorithm):
             raise RmsdError(f"{path} exists but holds no unencrypted PEM private key; move it away or give another "
                             "--key path") from None
-        if not (isinstance(key, ec.EllipticCurvePrivateKey)
-                or (isinstance(key, rsa.RSAPrivateKey) and key.key_size >= 2048)):
+        if not (isinstance(loaded, ec.EllipticCurvePrivateKey)
+                or (isinstance(loaded, rsa.RSAPrivateKey) and loaded.key_size >= 2048)):
             raise RmsdError(f"the key in {path} is neither an EC nor an RSA (2048 bits or more) key; move it away "
                             "or give another --key path")
-        return key, False
+        return loaded, False
     raise RmsdError(f"the key file {path} appeared and vanished while it was created; run again")
 
 

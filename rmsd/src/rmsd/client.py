@@ -16,6 +16,7 @@ from joserfc import jwe, jws
 from joserfc.jwk import RSAKey
 
 from rmsd import pki
+from rmsd.errors import RmsdError
 from rmsd.identity import identifier_problem
 
 
@@ -104,7 +105,12 @@ def decrypt_content(content_key: bytes, blob: bytes) -> bytes:
 
 def open_use_license(ul: str, slc_pem: str, user: User) -> tuple[dict, bytes]:
     """Verify the UL against the cluster's SLC and unwrap the content key with the user's RAC key."""
-    claims = json.loads(jws.deserialize_compact(ul, RSAKey.import_key(pki.load_pem(slc_pem).public_key())).payload)
+    slc_key = pki.load_pem(slc_pem).public_key()
+    if not isinstance(slc_key, rsa.RSAPublicKey):
+        raise RmsdError("the cluster's SLC does not certify an RSA key; it cannot have signed the use license")
+    claims = json.loads(jws.deserialize_compact(ul, RSAKey.import_key(slc_key)).payload)
     registry = jwe.JWERegistry(algorithms=["RSA-OAEP-256", "A256GCM"])
     content_key = jwe.decrypt_compact(claims["wrapped_key"], RSAKey.import_key(user.private_key), registry=registry)
+    if content_key.plaintext is None:
+        raise RmsdError("the content key in the use license does not open")
     return claims, content_key.plaintext

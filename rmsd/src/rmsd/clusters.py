@@ -159,7 +159,7 @@ def provision_root(
         conn, name=name, role="root", intranet_url=intranet_url, extranet_url=extranet_url, provider=provider,
         new_key=new_key, now=now,
     )
-    key: ClusterKey = new_key.loaded
+    key: ClusterKey = new_key.cluster_key()
     slc = pki.issue_root_slc(key, name, [u for u in (intranet_url, extranet_url) if u], now)
     insert_slc(conn, cluster_id, slc, key.key_id, key.key_id, now)
 
@@ -439,3 +439,70 @@ def record_enrollment(conn, cluster_id: int, licensing_cluster: str, slc, issuer
 def enrollments_of(conn: sa.Connection, cluster_id: int) -> list:
     query = sa.select(enrollments).where(enrollments.c.cluster_id == cluster_id)
     return list(conn.execute(query.order_by(enrollments.c.created_at)))
+
+
+# --- what a trusted publishing domain carries -------------------------------------------------------
+
+
+def certificates_of(conn: sa.Connection, cluster_id: int) -> list:
+    query = sa.select(certificates).where(certificates.c.cluster_id == cluster_id)
+    return list(conn.execute(query.order_by(certificates.c.created_at, certificates.c.serial)))
+
+
+def certificate_serials(conn: sa.Connection, cluster_id: int) -> set[str]:
+    query = sa.select(certificates.c.serial).where(certificates.c.cluster_id == cluster_id)
+    return {serial for (serial,) in conn.execute(query)}
+
+
+def content_of(conn: sa.Connection, cluster_id: int) -> list:
+    query = sa.select(content).where(content.c.cluster_id == cluster_id)
+    return list(conn.execute(query.order_by(content.c.pl_id)))
+
+
+def content_pl_ids(conn: sa.Connection, cluster_id: int) -> set[str]:
+    query = sa.select(content.c.pl_id).where(content.c.cluster_id == cluster_id)
+    return {pl_id for (pl_id,) in conn.execute(query)}
+
+
+def insert_content(conn: sa.Connection, cluster_id: int, item: dict) -> None:
+    """A content registry entry as a trusted publishing domain carries it."""
+    conn.execute(content.insert().values(
+        pl_id=item["pl_id"], cluster_id=cluster_id, content_id=item["content_id"], owner=item["owner"],
+        key_id=item["key_id"], rights=item["rights"], created_at=datetime.fromisoformat(item["created_at"]),
+        supersedes=item["supersedes"], superseded_by=item["superseded_by"],
+        superseded_at=datetime.fromisoformat(item["superseded_at"]) if item["superseded_at"] else None,
+    ))
+
+
+# --- content under compromised keys, and the notices to its owners -------------------------------------
+
+
+def affected_content(conn: sa.Connection, cluster_id: int) -> list[dict]:
+    """Every content item published under a compromised key of the cluster: `pending` until its owner
+    republished it (a new publishing license superseding the old one), then `republished`."""
+    query = (
+        sa.select(content, cluster_keys.c.status_changed_at.label("key_compromised_at"))
+        .join(cluster_keys, cluster_keys.c.id == content.c.key_id)
+        .where(content.c.cluster_id == cluster_id, cluster_keys.c.status == "compromised")
+        .order_by(content.c.owner, content.c.content_id, content.c.created_at)
+    )
+    return [
+        {
+            "owner": r.owner, "content_id": r.content_id, "pl_id": r.pl_id, "key_id": r.key_id,
+            "key_compromised_at": r.key_compromised_at.isoformat(), "published_at": r.created_at.isoformat(),
+            "status": "republished" if r.superseded_by else "pending", "republished_as": r.superseded_by,
+            "republished_at": r.superseded_at.isoformat() if r.superseded_at else None,
+        }
+        for r in conn.execute(query)
+    ]
+
+
+def notices_sent(conn: sa.Connection, cluster_id: int) -> set[tuple[str, str]]:
+    query = sa.select(owner_notices.c.owner, owner_notices.c.key_id).where(owner_notices.c.cluster_id == cluster_id)
+    return {(owner, key_id) for owner, key_id in conn.execute(query)}
+
+
+def record_notice(conn, cluster_id: int, owner: str, key_id: str, items: int, channel: str, now) -> None:
+    conn.execute(owner_notices.insert().values(
+        cluster_id=cluster_id, owner=owner, key_id=key_id, items=items, channel=channel, sent_at=now,
+    ))

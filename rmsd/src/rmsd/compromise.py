@@ -10,13 +10,12 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from pathlib import Path
+from typing import Any
 
 import jinja2
-import sqlalchemy as sa
 
 from rmsd.config import write_atomic
 from rmsd.errors import RmsdError
-from rmsd.schema import cluster_keys, content, owner_notices
 
 CSV_FIELDS = (
     "owner", "content_id", "pl_id", "key_id", "key_compromised_at", "published_at", "status", "republished_as",
@@ -26,29 +25,9 @@ TEMPLATES = Path(__file__).parent / "templates"
 NOTICE_TEMPLATES = ("owner_notice.subject.j2", "owner_notice.txt.j2")
 
 
-def affected_content(conn: sa.Connection, cluster_id: int) -> list[dict]:
-    """Every content item published under a compromised key of the cluster: `pending` until its owner
-    republished it (a new publishing license superseding the old one), then `republished`."""
-    query = (
-        sa.select(content, cluster_keys.c.status_changed_at.label("key_compromised_at"))
-        .join(cluster_keys, cluster_keys.c.id == content.c.key_id)
-        .where(content.c.cluster_id == cluster_id, cluster_keys.c.status == "compromised")
-        .order_by(content.c.owner, content.c.content_id, content.c.created_at)
-    )
-    return [
-        {
-            "owner": r.owner, "content_id": r.content_id, "pl_id": r.pl_id, "key_id": r.key_id,
-            "key_compromised_at": r.key_compromised_at.isoformat(), "published_at": r.created_at.isoformat(),
-            "status": "republished" if r.superseded_by else "pending", "republished_as": r.superseded_by,
-            "republished_at": r.superseded_at.isoformat() if r.superseded_at else None,
-        }
-        for r in conn.execute(query)
-    ]
-
-
 def report(cluster: str, compromised: list[dict], items: list[dict]) -> dict:
     """The report: compromised keys, then per owner what is still pending and what was republished."""
-    owners = {}
+    owners: dict[str, dict[str, Any]] = {}
     for item in items:
         entry = owners.setdefault(item["owner"], {"owner": item["owner"], "pending": 0, "republished": 0,
                                                   "content": []})
@@ -79,20 +58,9 @@ def render_csv(items: list[dict]) -> str:
 # --- notices --------------------------------------------------------------------------------------
 
 
-def notices_sent(conn: sa.Connection, cluster_id: int) -> set[tuple[str, str]]:
-    query = sa.select(owner_notices.c.owner, owner_notices.c.key_id).where(owner_notices.c.cluster_id == cluster_id)
-    return {(owner, key_id) for owner, key_id in conn.execute(query)}
-
-
-def record_notice(conn, cluster_id: int, owner: str, key_id: str, items: int, channel: str, now) -> None:
-    conn.execute(owner_notices.insert().values(
-        cluster_id=cluster_id, owner=owner, key_id=key_id, items=items, channel=channel, sent_at=now,
-    ))
-
-
 def due_notices(items: list[dict], sent: set[tuple[str, str]]) -> dict[tuple[str, str], list[dict]]:
     """(owner, key id) -> pending items, for the owners not yet told about that key."""
-    due = {}
+    due: dict[tuple[str, str], list[dict]] = {}
     for item in items:
         if item["status"] == "pending" and (item["owner"], item["key_id"]) not in sent:
             due.setdefault((item["owner"], item["key_id"]), []).append(item)
@@ -142,6 +110,8 @@ def message(sender: str, owner: str, subject: str, body: str) -> EmailMessage:
 def deliver(msg: EmailMessage, smtp: Smtp | None, outbox_dir: str | None) -> str:
     """Send `msg` over SMTP, or keep it in the outbox folder for the operator to send; returns the channel."""
     if smtp is None:
+        if outbox_dir is None:
+            raise RmsdError("notify needs exactly one of smtp_host (send the notices) or outbox_dir (keep them there)")
         name = msg["To"].replace("/", "_") + "-" + msg["Message-ID"].strip("<>").split("@")[0] + ".eml"
         write_atomic(Path(outbox_dir) / name, msg.as_string(), 0o600)
         return "outbox"

@@ -2,7 +2,7 @@
 tokens and certificates it issues hold once decoded, what each operation does, and how the answer of one
 operation feeds the next (OpenAPI links). A client is written from this document alone."""
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -261,7 +261,7 @@ DECODED = (JoseHeader, WrappedContentKey, PublishingLicenseClaims, UseLicenseCla
 
 # --- operations ------------------------------------------------------------------------------------------
 
-OPERATIONS = {
+OPERATIONS: dict[str, dict[str, Any]] = {
     "health": dict(
         summary="The node's health and the cluster's active key",
         description="Read afresh from the configuration database on every call: a rotation shows at once. No "

@@ -18,7 +18,10 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 def _head_revision() -> str:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
-    return ScriptDirectory.from_config(config).get_current_head()
+    head = ScriptDirectory.from_config(config).get_current_head()
+    if head is None:
+        raise RmsdError(f"no database migrations in {MIGRATIONS}; the rmsd installation is incomplete")
+    return head
 
 
 HEAD_REVISION = _head_revision()
@@ -62,6 +65,8 @@ def _sqlite_write_transactions(engine: sa.Engine) -> None:
 
 def sqlite_path(engine: sa.Engine) -> Path | None:
     if engine.url.get_backend_name() == "sqlite":
+        if engine.url.database is None:
+            raise RmsdError("database_url for SQLite must name a file: sqlite:////var/lib/rmsd/config.db")
         return Path(engine.url.database)
     return None
 

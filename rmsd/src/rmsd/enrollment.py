@@ -48,8 +48,8 @@ def _call(url: str, ca_path: str | None, method: str, path: str, body: dict | No
             detail = response.text[:200]
         if response.status_code == 401:
             raise RmsdError(
-                f"the root cluster at {url} refused the enrollment credential: {detail}. Create a fresh one on the "
-                "root cluster with rmsops.rms.enrollment_credential (scope = this cluster's name). Nothing was changed."
+                f"the root cluster at {url} refused the enrollment credential: {detail}. Create a fresh enrollment "
+                "credential on the root cluster (scope = this cluster's name). Nothing was changed."
             )
         raise RmsdError(f"the root cluster at {url} answered {response.status_code}: {detail}. Nothing was changed.")
     return response.json()
@@ -75,7 +75,7 @@ def enroll(
     if not credential:
         raise RmsdError(
             f"licensing cluster {cluster!r} must enroll with the root cluster at {url}, which needs an "
-            "enrollment_credential: create one on the root cluster with rmsops.rms.enrollment_credential "
+            "enrollment_credential: create an enrollment credential on the root cluster "
             f"(scope: {cluster}) and pass its secret. Nothing was changed."
         )
     body = {

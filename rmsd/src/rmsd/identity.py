@@ -102,7 +102,7 @@ class Principal:
 
 
 class TokenVerifier:
-    def __init__(self, issuer: str, audience: str, jwks_uri: str):
+    def __init__(self, issuer: str, audience: str, jwks_uri: str | None):
         if not issuer or not jwks_uri:
             raise RmsdError("identity_issuer and identity_jwks_uri must be set to authenticate users")
         self.issuer, self.audience, self.jwks_uri = issuer, audience, jwks_uri
@@ -148,8 +148,8 @@ class TokenVerifier:
         except BadSignatureError:
             raise AuthenticationError("bearer token rejected: its signature does not verify") from None
         except (ValueError, JoseError) as err:
-            problem = "it is not signed by a key of the issuer" if "key" in str(err).lower() else "not a valid JWS"
-            raise AuthenticationError(f"bearer token rejected: {problem}") from None
+            reason = "it is not signed by a key of the issuer" if "key" in str(err).lower() else "not a valid JWS"
+            raise AuthenticationError(f"bearer token rejected: {reason}") from None
         claims = decoded.claims
         if not isinstance(claims, dict):
             raise AuthenticationError("bearer token rejected: its payload is not a JSON object of claims")

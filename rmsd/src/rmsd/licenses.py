@@ -28,10 +28,14 @@ def wrap_content_key(content_key: bytes, public_key, alg: str, kid: str) -> str:
 
 
 def unwrap_content_key(wrapped: str, key: ClusterKey) -> bytes:
+    not_opened = "the content key in the publishing license does not open"
     try:
-        return jwe.decrypt_compact(wrapped, key.jose_key(), registry=_JWE).plaintext
+        plaintext = jwe.decrypt_compact(wrapped, key.jose_key(), registry=_JWE).plaintext
     except (JoseError, ValueError):
-        raise InvalidRequestError("the content key in the publishing license does not open") from None
+        raise InvalidRequestError(not_opened) from None
+    if plaintext is None:
+        raise InvalidRequestError(not_opened)
+    return plaintext
 
 
 def _sign(key: ClusterKey, typ: str, claims: dict) -> str:

@@ -67,36 +67,36 @@ def problem(
     return JSONResponse(body, status, headers=headers, media_type=PROBLEM_JSON)
 
 
-class BodyTooLarge(HTTPException):
-    """Raised by the counting `receive` when a streamed body passes the limit. An HTTPException, so the
-    framework lets it through unchanged to the handler that answers 413."""
+class BodyRefused(HTTPException):
+    """A body this node will not read to its end: raised by the guarded `receive`, an HTTPException so the
+    framework lets it through unchanged, and answered by `answer()`. The rest of the body is never read,
+    so the connection cannot carry another request: the answer closes it."""
+
+    status = 400
+    kind = ""
+
+    def __init__(self, detail: str, **limit):
+        super().__init__(self.status, detail)
+        self.limit = limit  # the limit's name and value, also a member of the problem document
+
+    def answer(self, scope) -> JSONResponse:
+        return problem(self.status, self.detail, kind=self.kind, request=scope, headers={"Connection": "close"},
+                       **self.limit)
+
+
+class BodyTooLarge(BodyRefused):
+    status, kind = 413, "body-too-large"
 
     def __init__(self, limit: int):
-        super().__init__(413, f"the request body is larger than this node accepts ({limit} bytes)")
-        self.limit = limit
+        super().__init__(f"the request body is larger than this node accepts ({limit} bytes)", max_body_bytes=limit)
 
 
-def too_large(limit: int, scope) -> JSONResponse:
-    # The rest of the body is never read, so the connection cannot carry another request.
-    return problem(
-        413, f"the request body is larger than this node accepts ({limit} bytes)", kind="body-too-large",
-        request=scope, headers={"Connection": "close"}, max_body_bytes=limit,
-    )
-
-
-class BodyTooSlow(HTTPException):
-    """Raised by the timed `receive` when a body has not arrived within the read time limit."""
+class BodyTooSlow(BodyRefused):
+    status, kind = 408, "body-too-slow"
 
     def __init__(self, seconds: float):
-        super().__init__(408, f"the request body did not arrive within {seconds:g} seconds of its headers")
-        self.seconds = seconds
-
-
-def too_slow(seconds: float, scope) -> JSONResponse:
-    return problem(
-        408, f"the request body did not arrive within {seconds:g} seconds of its headers", kind="body-too-slow",
-        request=scope, headers={"Connection": "close"}, read_timeout_seconds=seconds,
-    )
+        super().__init__(f"the request body did not arrive within {seconds:g} seconds of its headers",
+                         read_timeout_seconds=seconds)
 
 
 class RequestGuard:
@@ -129,7 +129,7 @@ class RequestGuard:
         length = _content_length(scope)
         if length is not None and length > limit:
             # Refused before a byte of the body is read: no 100 Continue, nothing parsed, no authentication.
-            await too_large(limit, scope)(scope, receive, send_with_id)
+            await BodyTooLarge(limit).answer(scope)(scope, receive, send_with_id)
             return
 
         received = 0
@@ -154,16 +154,13 @@ class RequestGuard:
 
         try:
             await self.app(scope, counting_receive, send_with_id)
-        except BodyTooLarge:
+        except BodyRefused as refused:
             if started:
                 raise
-            await too_large(limit, scope)(scope, receive, send_with_id)
-        except BodyTooSlow:
-            if started:
-                raise
-            log.info("request %s: body not received within %g s; connection closed", request_id,
-                     self.read_timeout_seconds)
-            await too_slow(self.read_timeout_seconds, scope)(scope, receive, send_with_id)
+            if isinstance(refused, BodyTooSlow):
+                log.info("request %s: body not received within %g s; connection closed", request_id,
+                         self.read_timeout_seconds)
+            await refused.answer(scope)(scope, receive, send_with_id)
         except Exception:
             log.exception("unexpected error serving %s %s (request id %s)", scope.get("method"), scope.get("path"),
                           request_id)
@@ -214,10 +211,8 @@ def http_problem(request, exc: HTTPException) -> JSONResponse:
     """An HTTP-level refusal (no such path, method not allowed, ...), with a detail that helps."""
     status = exc.status_code
     headers = dict(exc.headers or {})
-    if isinstance(exc, BodyTooLarge):
-        return too_large(exc.limit, request.scope)
-    if isinstance(exc, BodyTooSlow):
-        return too_slow(exc.seconds, request.scope)
+    if isinstance(exc, BodyRefused):
+        return exc.answer(request.scope)
     if status == 404:
         detail = f"{request.url.path} is not a resource of this node"
     elif status == 405:

@@ -2,6 +2,7 @@
 
 import hashlib
 from datetime import datetime, timedelta
+from typing import cast
 from urllib.parse import quote, unquote
 
 from cryptography import x509
@@ -47,6 +48,14 @@ def load_pem(pem: str | bytes) -> x509.Certificate:
     return x509.load_pem_x509_certificate(pem.encode() if isinstance(pem, str) else pem)
 
 
+def key_usage(certifies: bool) -> x509.KeyUsage:
+    """Every key rmsd certifies signs and has content keys wrapped to it; a root SLC's also certifies."""
+    return x509.KeyUsage(
+        digital_signature=True, content_commitment=False, key_encipherment=True, data_encipherment=False,
+        key_agreement=False, key_cert_sign=certifies, crl_sign=certifies, encipher_only=False, decipher_only=False,
+    )
+
+
 def issue_root_slc(
     key: ClusterKey, cluster_name: str, urls: list[str], now: datetime
 ) -> x509.Certificate:
@@ -63,17 +72,7 @@ def issue_root_slc(
         .not_valid_after(now + SLC_VALIDITY)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=True,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            key_usage(certifies=True),
             critical=True,
         )
         .add_extension(ski, critical=False)
@@ -131,21 +130,15 @@ def issue_licensing_slc(
         .not_valid_after(min(now + SLC_VALIDITY, root_slc.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=True,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            key_usage(certifies=False),
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(root_slc.public_key()), critical=False)
+        .add_extension(
+            # The root SLC is this deployment's own, certifying an RSA cluster key.
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(cast(rsa.RSAPublicKey, root_slc.public_key())),
+            critical=False,
+        )
     )
     if urls:
         builder = builder.add_extension(
@@ -203,22 +196,14 @@ def issue_rac(
         .not_valid_after(min(now + validity, slc.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=True,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            key_usage(certifies=False),
             critical=True,
         )
         .add_extension(x509.SubjectAlternativeName(_rac_names(subject)), critical=False)
         .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(slc.public_key()), critical=False
+            # The SLC is this root cluster's own, certifying its RSA cluster key.
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(cast(rsa.RSAPublicKey, slc.public_key())),
+            critical=False,
         )
     )
     return key.sign_certificate(builder)

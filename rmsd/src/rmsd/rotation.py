@@ -27,7 +27,7 @@ STEPS = (
 
 REENROLL_REFUSED = (
     "cluster key {key_id} is listed in compromised_keys, and re-enrollment is no remedy for a compromised key: it "
-    "renews the SLC of the same key pair, so whoever holds the key can go on using it. Remove reenroll: this module "
+    "renews the SLC of the same key pair, so whoever holds the key can go on using it. Remove reenroll: rmsd "
     "then generates a brand-new key pair, revokes the compromised one and gets the new key its SLC. Nothing was "
     "changed."
 )
@@ -77,7 +77,7 @@ def check_key_ids(key_ids) -> list[str]:
         if not isinstance(key_id, str) or len(key_id) != KEY_ID_LENGTH or any(c not in "0123456789abcdef"
                                                                               for c in key_id):
             raise RmsdError(f"compromised_keys: {key_id!r} is not a cluster key id (40 lowercase hex digits, as "
-                            "rmsops.rms.cluster_info lists them)")
+                            "cluster information lists them)")
         if key_id not in out:
             out.append(key_id)
     return out
@@ -122,12 +122,15 @@ def apply(
         clusters.set_key_status(conn, key_id, "compromised", now)
     failpoints.reach("rotation.revoked")
     if plan.replace:
+        if new_key is None:
+            raise RmsdError(f"replacing the active key of cluster {cluster.name!r} needs a new key. "
+                            "Nothing was changed.")
         active = _active(keys)
         if plan.replace != "compromised":
             clusters.set_key_status(conn, active.id, "archived", now)
         clusters.insert_key(conn, cluster.id, new_provider, new_key, now)
         if slcs is None:
-            slc = pki.issue_root_slc(new_key.loaded, cluster.name, _urls(cluster), now)
+            slc = pki.issue_root_slc(new_key.cluster_key(), cluster.name, _urls(cluster), now)
             clusters.insert_slc(conn, cluster.id, slc, new_key.key_id, new_key.key_id, now)
         else:
             clusters.save_enrollment(conn, cluster.id, slcs[0], slcs[1], now)

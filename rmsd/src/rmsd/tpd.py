@@ -9,6 +9,7 @@ and `openssl pkey` reads it. Keys revoked as compromised travel without their pr
 
 import json
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from asn1crypto import pem
@@ -20,7 +21,6 @@ from joserfc.jwk import OctKey
 from rmsd import clusters, pkcs8, pki
 from rmsd.errors import RmsdError
 from rmsd.keys import KeyNotExportable, KeyProvider, NewKey, check_strength, key_id_of
-from rmsd.schema import certificates, content, rights_templates
 
 FORMAT, VERSION = "rmsd-tpd", 1
 TYP = "rmsd-tpd+jwe"
@@ -54,11 +54,9 @@ def build(conn: sa.Connection, row, open_key, password: str, now: datetime) -> d
             except KeyNotExportable as err:
                 entry["not_exported"] = str(err)
         keys.append(entry)
-    certs = conn.execute(sa.select(certificates).where(certificates.c.cluster_id == row.id)
-                         .order_by(certificates.c.created_at, certificates.c.serial))
-    templates = conn.execute(sa.select(rights_templates).where(rights_templates.c.cluster_id == row.id)
-                             .order_by(rights_templates.c.name))
-    registry = conn.execute(sa.select(content).where(content.c.cluster_id == row.id).order_by(content.c.pl_id))
+    certs = clusters.certificates_of(conn, row.id)
+    templates = clusters.templates_of(conn, row.id)
+    registry = clusters.content_of(conn, row.id)
     return {
         "format": FORMAT, "version": VERSION, "cluster": row.name, "role": row.role, "exported_at": now.isoformat(),
         "keys": keys,
@@ -111,11 +109,14 @@ def seal(document: dict, password: str) -> str:
 
 def unseal(data: str, password: str) -> dict:
     """The TPD document in `data`; RmsdError when it is no TPD or the password does not open it."""
+    not_opened = "the file is not a trusted publishing domain that this password opens"
     try:
         opened = jwe.decrypt_compact(data.strip(), OctKey.import_key(password.encode()), registry=_REGISTRY)
+        if opened.plaintext is None:
+            raise RmsdError(not_opened)
         document = json.loads(opened.plaintext)
     except (JoseError, ValueError, TypeError):
-        raise RmsdError("the file is not a trusted publishing domain that this password opens") from None
+        raise RmsdError(not_opened) from None
     if document.get("format") != FORMAT or document.get("version") != VERSION:
         raise RmsdError(f"the file is not an {FORMAT} version {VERSION} trusted publishing domain")
     return document
@@ -125,7 +126,9 @@ def import_plan(conn: sa.Connection, row, document: dict) -> dict:
     """What importing `document` into cluster `row` adds: {keys, compromise, certificates, templates,
     content, skipped}; empty lists when everything is there already."""
     statuses = {k.id: k.status for k in clusters.keys_of(conn, row.id)}
-    plan = {"keys": [], "compromise": [], "certificates": [], "rights_templates": [], "content": [], "skipped": []}
+    plan: dict[str, list[Any]] = {
+        "keys": [], "compromise": [], "certificates": [], "rights_templates": [], "content": [], "skipped": [],
+    }
     for key in document["keys"]:
         if key["id"] in statuses:
             # A compromise travels; nothing else about a key this cluster already has changes.
@@ -141,12 +144,12 @@ def import_plan(conn: sa.Connection, row, document: dict) -> dict:
         else:
             plan["skipped"].append({"id": key["id"], "reason": key["not_exported"]})
     known_keys = set(statuses) | set(plan["keys"])
-    have = {s for (s,) in conn.execute(sa.select(certificates.c.serial).where(certificates.c.cluster_id == row.id))}
+    have = clusters.certificate_serials(conn, row.id)
     plan["certificates"] = [c["serial"] for c in document["certificates"]
                             if c["serial"] not in have and (c["kind"] == "root" or c["key_id"] in known_keys)]
     names = {t.name for t in clusters.templates_of(conn, row.id)}
     plan["rights_templates"] = [t["name"] for t in document["rights_templates"] if t["name"] not in names]
-    pl_ids = {p for (p,) in conn.execute(sa.select(content.c.pl_id).where(content.c.cluster_id == row.id))}
+    pl_ids = clusters.content_pl_ids(conn, row.id)
     plan["content"] = [c["pl_id"] for c in document["content"]
                        if c["pl_id"] not in pl_ids and c["key_id"] in known_keys]
     return plan
@@ -178,12 +181,7 @@ def apply_import(conn: sa.Connection, row, document: dict, plan: dict, provider:
     for template in (t for t in document["rights_templates"] if t["name"] in set(plan["rights_templates"])):
         clusters.save_template(conn, row.id, template["name"], template["description"], template["rights"], now)
     for item in (c for c in document["content"] if c["pl_id"] in set(plan["content"])):
-        conn.execute(content.insert().values(
-            pl_id=item["pl_id"], cluster_id=row.id, content_id=item["content_id"], owner=item["owner"],
-            key_id=item["key_id"], rights=item["rights"], created_at=datetime.fromisoformat(item["created_at"]),
-            supersedes=item["supersedes"], superseded_by=item["superseded_by"],
-            superseded_at=datetime.fromisoformat(item["superseded_at"]) if item["superseded_at"] else None,
-        ))
+        clusters.insert_content(conn, row.id, item)
 
 
 def _public_only(key: dict, public_key) -> NewKey:

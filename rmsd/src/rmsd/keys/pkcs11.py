@@ -7,6 +7,7 @@ token. Every member of a cluster opens the same token with the same PIN."""
 import functools
 import secrets
 import threading
+from typing import TYPE_CHECKING
 
 import pkcs11
 from cryptography import x509
@@ -17,7 +18,7 @@ from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.util.rsa import decode_rsa_private_key
 
 from rmsd.errors import RmsdError
-from rmsd.keys import (
+from rmsd.keys.interface import (
     KEY_SIZES,
     ClusterKey,
     KeyNotExportable,
@@ -27,6 +28,10 @@ from rmsd.keys import (
     key_id_of,
     public_pem,
 )
+
+if TYPE_CHECKING:
+    # What pkcs11.lib() returns; python-pkcs11 imports its extension module only when a module is loaded.
+    from pkcs11._pkcs11 import lib as Pkcs11Lib
 
 # SoftHSM2 (and several HSMs) do RSA-OAEP with SHA-1 only: content keys for a token key are wrapped
 # with JWE "RSA-OAEP"; the algorithm is stored with each key, so software keys keep RSA-OAEP-256.
@@ -41,7 +46,7 @@ class _Token:
     """One logged-in session per token and process (PKCS#11 login is per process), shared by the
     threads of a node."""
 
-    _libs: dict[str, pkcs11.lib] = {}
+    _libs: dict[str, "Pkcs11Lib"] = {}
     _sessions: dict[tuple[str, str], tuple[pkcs11.Session, str]] = {}
     # python-pkcs11 initializes a module with C_Initialize(NULL), which tells it that no two threads
     # call it at once: every call into the module holds this lock (SoftHSM2 crashes otherwise).
@@ -262,7 +267,7 @@ class Pkcs11KeyProvider(KeyProvider):
         return TokenKey(handle, stored, row.wrap_alg, row.token_label)
 
     @_serialized
-    def token_state(self, row) -> str:
+    def compromised_key_state(self, row) -> str:
         """present, disabled (can neither sign nor decrypt) or destroyed."""
         handle = self._find(row)
         if handle is None:

@@ -1,15 +1,14 @@
-"""Cluster key providers. Callers see `ClusterKey` and `KeyProvider` only, so a PKCS#11 provider
-(key generated and used inside a token) fits without touching them."""
+"""What every cluster key provider offers: `ClusterKey` (a usable key), `KeyProvider` (generate, load,
+adopt, and what becomes of a compromised key where it is kept), `NewKey`, the key policy and ids."""
 
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
-from rmsd import pkcs8
 from rmsd.errors import RmsdError
 
 KEY_SIZES = (2048, 3072, 4096)
@@ -79,6 +78,12 @@ class NewKey:
     key_label: str | None = None
     loaded: ClusterKey | None = field(default=None, repr=False)
 
+    def cluster_key(self) -> ClusterKey:
+        """The usable key; a provider's generate and adopt always give one, a public-only key has none."""
+        if self.loaded is None:
+            raise RmsdError(f"cluster key {self.key_id} is public-only: it can neither sign nor decrypt")
+        return self.loaded
+
 
 class KeyProvider(ABC):
     protection: str
@@ -94,76 +99,18 @@ class KeyProvider(ABC):
     def adopt(self, private_key: rsa.RSAPrivateKey) -> NewKey:
         """Store a private key brought in from elsewhere (a trusted publishing domain) this provider's way."""
 
+    def compromised_key_state(self, row) -> str | None:
+        """Where the private key of compromised key `row` stands in a store that can still use it: present,
+        disabled (can neither sign nor decrypt) or destroyed. None when nothing outside the configuration
+        database holds it (there is nothing to settle)."""
+        return None
 
-class SoftwareKey(ClusterKey):
-    wrap_alg = "RSA-OAEP-256"
-    sign_alg = "RS256"
+    def settle_compromised(self, row, action: str) -> None:  # noqa: B027 (nothing to do unless overridden)
+        """Make compromised key `row` unusable where this provider keeps it: destroy it, or disable it."""
 
-    def __init__(self, private_key: rsa.RSAPrivateKey):
-        self._private_key = private_key
-        self.public_key = private_key.public_key()
-        self.key_id = key_id_of(self.public_key)
-
-    def sign_certificate(self, builder):
-        return builder.sign(self._private_key, hashes.SHA256())
-
-    def jose_key(self):
-        from joserfc.jwk import RSAKey
-
-        return RSAKey.import_key(self._private_key, {"kid": self.key_id})
-
-    def sign(self, data):
-        return self._private_key.sign(data, padding.PKCS1v15(), hashes.SHA256())
-
-    def export_pkcs8(self, password):
-        return pkcs8.encrypt(self._private_key, password)
-
-
-class PasswordKeyProvider(KeyProvider):
-    """"Centrally managed" key: PKCS#8 encrypted with the cluster key password (scrypt + AES-256),
-    stored in the configuration database. The password itself is never stored there."""
-
-    protection = "password"
-
-    def __init__(self, password: str | None):
-        if not password:
-            raise RmsdError("key_password is required for a cluster key protected by a password")
-        self._password = password
-
-    def generate(self, size):
-        if size not in KEY_SIZES:
-            raise RmsdError(f"key_size must be one of {', '.join(map(str, KEY_SIZES))}, not {size}")
-        return self.adopt(rsa.generate_private_key(public_exponent=65537, key_size=size))
-
-    def adopt(self, private_key):
-        loaded = SoftwareKey(private_key)
-        return NewKey(
-            key_id=loaded.key_id,
-            size=private_key.key_size,
-            public_key_pem=public_pem(loaded.public_key),
-            wrap_alg=SoftwareKey.wrap_alg,
-            sign_alg=SoftwareKey.sign_alg,
-            encrypted_private_key=pkcs8.encrypt(private_key, self._password),
-            loaded=loaded,
-        )
-
-    def reencrypt(self, row, previous: "PasswordKeyProvider") -> bytes:
-        """The stored key `row`, opened with the `previous` provider's password, encrypted with this
-        provider's (a cluster key password change)."""
-        return previous.load(row).export_pkcs8(self._password)
-
-    def load(self, row):
-        try:
-            private_key = pkcs8.decrypt(row.encrypted_private_key, self._password)
-        except RmsdError:
-            raise RmsdError(
-                f"the cluster key password does not decrypt cluster key {row.id}; give the password the "
-                "cluster was provisioned with"
-            ) from None
-        key = SoftwareKey(private_key)
-        if key.key_id != row.id:
-            raise RmsdError(f"stored cluster key {row.id} does not match its public key; the database is damaged")
-        return key
+    def reencrypt(self, row, previous: "KeyProvider") -> bytes:
+        """The stored key `row`, opened by `previous`, protected this provider's way (a key password change)."""
+        raise RmsdError(f"cluster keys protected by {self.protection} are not re-encrypted")
 
 
 PROTECTIONS = ("password", "pkcs11")
@@ -192,15 +139,3 @@ class TokenSettings:
         if not config.pkcs11_module:
             return None
         return cls(config.pkcs11_module, config.pkcs11_token_label or "", secrets.pkcs11_pin or "")
-
-
-def provider_for(protection: str, *, key_password: str | None = None, token=None) -> KeyProvider:
-    """The provider of `protection`: "password" opens keys with `key_password`, "pkcs11" uses the
-    token of `token` (TokenSettings)."""
-    if protection == "password":
-        return PasswordKeyProvider(key_password)
-    if protection == "pkcs11":
-        from rmsd.hsm import Pkcs11KeyProvider  # loads python-pkcs11 only where a token is used
-
-        return Pkcs11KeyProvider(token)
-    raise RmsdError(f"key_protection {protection!r} is not supported; use one of {', '.join(PROTECTIONS)}")

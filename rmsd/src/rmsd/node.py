@@ -1,0 +1,336 @@
+"""One node's work, whatever carries the requests: what it knows of its cluster (read from the
+configuration database, refreshed after rotations), and its operations: certification (RAC), enrollment
+of licensing clusters, publishing (PL) and licensing (UL). The HTTP layer is rmsd.service."""
+
+import base64
+import binascii
+import logging
+import threading
+import time
+from datetime import datetime
+
+import sqlalchemy as sa
+from cryptography.hazmat.primitives import serialization
+
+from rmsd import clusters, db, keys, licenses, pki
+from rmsd.config import NodeConfig, load_secrets
+from rmsd.errors import (
+    AuthenticationError,
+    ForbiddenError,
+    InvalidRequestError,
+    NotFoundError,
+    RevokedError,
+    RmsdError,
+)
+from rmsd.identity import Principal, TokenVerifier
+from rmsd.keys import ClusterKey, TokenSettings, provider_for
+from rmsd.schema import utcnow
+
+log = logging.getLogger("rmsd")
+ACTIVE_KEY_TTL = 5.0  # seconds a node trusts its view of the active key before reading it again
+
+
+class ClusterState:
+    """What a node knows about its cluster, read from the configuration database."""
+
+    def __init__(self, row, active: ClusterKey, slc_pem: str, chain: list[str], trusted_slcs: list,
+                 revoked: dict[str, datetime]):
+        self.row, self.active, self.slc_pem, self.trusted_slcs = row, active, slc_pem, trusted_slcs
+        self.chain = chain  # the SLC, then (licensing clusters) the root SLC it chains to
+        self.revoked = revoked  # this cluster's keys revoked as compromised -> when
+        self.read_at = time.monotonic()
+
+    @property
+    def revoked_key_ids(self) -> list[str]:
+        return sorted(self.revoked)
+
+
+class Node:
+    def __init__(self, config: NodeConfig):
+        self.config = config
+        secrets = load_secrets(config.secret_path)
+        self.engine = db.make_engine(config.database_url, secrets.database_password)
+        self._key_passwords = secrets.key_passwords
+        self._token = TokenSettings.for_node(config, secrets)
+        self.started_at = utcnow()
+        self.verifier = (
+            TokenVerifier(config.identity_issuer, config.identity_audience, config.identity_jwks_uri)
+            if config.identity_issuer
+            else None
+        )
+        self._keys: dict[str, ClusterKey] = {}
+        self._state: ClusterState | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    # --- cluster state -----------------------------------------------------------------------------
+
+    def load_key(self, conn, key_id: str) -> ClusterKey:
+        if key_id not in self._keys:
+            row = clusters.key_row(conn, key_id)
+            if row is None:
+                raise NotFoundError(f"cluster key {key_id} is not known to this cluster")
+            if row.status == "compromised":
+                raise RevokedError(f"cluster key {key_id} was revoked as compromised; it is never used again")
+            try:
+                self._keys[key_id] = self._open(row)
+            except RmsdError:
+                # The cluster key password may have changed since this node started: its secret file
+                # holds the new one (and, during the change, the previous one) before it restarts.
+                self._key_passwords = load_secrets(self.config.secret_path).key_passwords
+                self._keys[key_id] = self._open(row)
+        return self._keys[key_id]
+
+    def _open(self, row) -> ClusterKey:
+        """Open a stored key with the key password, or with the previous one during a change; a token
+        key in the token."""
+        if row.protection == "pkcs11":
+            return provider_for(row.protection, token=self._token).load(row)
+        passwords: list[str | None] = list(self._key_passwords) or [None]
+        *first, last = passwords
+        for password in first:
+            try:
+                return provider_for(row.protection, key_password=password).load(row)
+            except RmsdError:
+                continue
+        return provider_for(row.protection, key_password=last).load(row)
+
+    def state(self, refresh: bool = False, max_age: float = ACTIVE_KEY_TTL) -> ClusterState:
+        """The cluster as this node knows it: read again when asked to, or when older than `max_age` seconds."""
+        with self._lock:
+            if refresh or self._state is None or time.monotonic() - self._state.read_at > max_age:
+                with self.engine.connect() as conn:
+                    row = clusters.get_cluster(conn, self.config.cluster)
+                    if row is None:
+                        raise RmsdError(f"cluster {self.config.cluster!r} is not in the configuration database")
+                    key_row = clusters.active_key_row(conn, row.id)
+                    revoked = clusters.compromised_keys(conn, row.id)
+                    for key_id in revoked:  # never again used by this process
+                        self._keys.pop(key_id, None)
+                    active = self.load_key(conn, key_row.id)
+                    slc = clusters.current_slc_row(conn, row.id, key_row.id)
+                    chain = [slc.pem]
+                    if row.role == "licensing":
+                        chain.append(clusters.root_slc_row(conn, row.id, slc.issuer_key_id).pem)
+                    trusted = clusters.trust_anchors(conn, row)
+                self._state = ClusterState(row, active, slc.pem, chain, trusted, revoked)
+            return self._state
+
+    def _issuing(self, issue):
+        """Run `issue(state, conn)` in a write transaction that holds the active key as active, so
+        nothing is signed with a key a rotation has just retired; after a rotation this node had not
+        seen yet, read the cluster again and issue with the new key."""
+        for refresh in (False, True):
+            state = self.state(refresh=refresh)
+            with self.engine.begin() as conn:
+                if clusters.lock_active_key(conn, state.active.key_id):
+                    return issue(state, conn)
+        raise RmsdError("the cluster key changed while this request was served; send it again")
+
+    def heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.config.heartbeat_seconds):
+            self.beat()
+
+    def beat(self) -> None:
+        try:
+            with self.engine.begin() as conn:
+                row = clusters.get_cluster(conn, self.config.cluster)
+                if row is not None:
+                    clusters.heartbeat(conn, row.id, self.config.name, utcnow())
+        except sa.exc.SQLAlchemyError as err:
+            log.warning("heartbeat failed: %s", type(err).__name__)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.engine.dispose()
+
+    # --- operations ----------------------------------------------------------------------------
+
+    def authenticate(self, bearer_token: str | None) -> Principal:
+        """The user a bearer token (from an `Authorization: Bearer` header, None when there is none) names."""
+        if self.verifier is None:
+            raise AuthenticationError("this node has no identity issuer configured; it cannot authenticate users")
+        if not bearer_token:
+            raise AuthenticationError("a bearer token is required")
+        return self.verifier.verify(bearer_token)
+
+    def certify(self, user: Principal, csr_pem: str) -> dict:
+        state = self.state()
+        if state.row.role != "root":
+            raise ForbiddenError("certification is done by the root cluster only; ask the root cluster for a RAC")
+        self._refuse_if_decommissioned(state, "issue RACs")
+        csr = pki.load_csr(csr_pem)
+
+        def issue(state, conn):
+            now = utcnow()
+            rac = pki.issue_rac(state.active, pki.load_pem(state.slc_pem), user.subject, csr, now, pki.RAC_VALIDITY)
+            clusters.record_rac(conn, state.row.id, rac, user.subject, now)
+            return {"rac": pki.to_pem(rac), "chain": [state.slc_pem]}
+
+        return self._issuing(issue)
+
+    def enroll(self, cluster: str, credential: str, csr_pem: str, urls: list[str], revoked_key_ids=()) -> dict:
+        """Certify a licensing cluster's key with the root cluster's active key. `revoked_key_ids`:
+        keys of that licensing cluster it revoked as compromised; they are never certified again."""
+        state = self.state()
+        if state.row.role != "root":
+            raise ForbiddenError("enrollment is done by the root cluster only")
+        self._refuse_if_decommissioned(state, "enroll licensing clusters")
+        if cluster == state.row.name:
+            raise ForbiddenError("the root cluster cannot enroll itself")
+        now = utcnow()
+        with self.engine.connect() as conn:
+            found = clusters.credential_row(conn, state.row.id, cluster)
+        # Authenticate before looking at the request; one message for every refusal, so it tells no
+        # one which scopes exist.
+        if found is None or not clusters.secret_matches(found, credential) or found.expires_at <= now:
+            raise AuthenticationError(
+                f"no valid enrollment credential for cluster {cluster!r} (unknown, wrong or expired)"
+            )
+        csr = pki.load_csr(csr_pem)
+        key_id = keys.key_id_of(csr.public_key())
+
+        def issue(state, conn):
+            clusters.revoke_enrollments(conn, state.row.id, cluster, revoked_key_ids, now)
+            if key_id in revoked_key_ids or clusters.enrollment_revoked(conn, state.row.id, key_id):
+                raise ForbiddenError(
+                    f"cluster key {key_id} of licensing cluster {cluster} was revoked as compromised; it is never "
+                    "enrolled again. Re-enrollment keeps the key: a compromised key needs a new key pair"
+                )
+            slc = pki.issue_licensing_slc(state.active, pki.load_pem(state.slc_pem), cluster, csr, urls, now)
+            clusters.credential_used(conn, found.id, now)
+            clusters.record_enrollment(conn, state.row.id, cluster, slc, state.active.key_id, now)
+            return {"slc": pki.to_pem(slc), "chain": [state.slc_pem]}
+
+        answer = self._issuing(issue)
+        log.info("enrolled licensing cluster %s (key %s)", cluster, key_id)
+        return answer
+
+    def publish(
+        self, user: Principal, content_id: str, content_key_b64: str, rights: dict, template: str | None = None,
+        supersedes: str | None = None,
+    ) -> dict:
+        """A PL for content; with `supersedes`, its owner republishes content under the active key and
+        the new PL replaces the old one (the remedy for content under a compromised key)."""
+        state = self.state()
+        self._refuse_if_decommissioned(state, "publish")
+        content_key = _b64url_decode(content_key_b64, "content_key")
+        if len(content_key) != 32:
+            raise InvalidRequestError("content_key must be 32 bytes (AES-256), base64url encoded")
+        if template is not None:
+            with self.engine.connect() as conn:
+                found = clusters.template_row(conn, state.row.id, template)
+            if found is None:
+                raise NotFoundError(f"cluster {state.row.name} has no rights policy template {template!r}")
+            rights = _merge_rights(found.rights, rights)
+        rights = licenses.normalize_rights(rights)
+
+        def issue(state, conn):
+            if supersedes is not None:
+                _check_republishing(conn, state, user, content_id, supersedes)
+            now = utcnow()
+            pl, claims = licenses.issue_pl(
+                state.active, state.row.name, content_id, user.subject, rights, content_key, now, template=template,
+            )
+            clusters.record_content(conn, state.row.id, claims, now, supersedes=supersedes)
+            return {"pl": pl, "pl_id": claims["pl_id"], "content_id": content_id, "key_id": claims["key_id"],
+                    "supersedes": supersedes}
+
+        return self._issuing(issue)
+
+    def license(self, user: Principal, pl_token: str, rac_pem: str) -> dict:
+        state = self.state()
+        now = utcnow()
+        rac = self._trusted_rac(state, rac_pem, now)
+        if pki.rac_subject(rac) != user.subject:
+            raise ForbiddenError("the RAC belongs to another user than the bearer token's subject")
+        key_id = licenses.header_of(pl_token).get("kid")
+        with self.engine.connect() as conn:
+            key_row = clusters.key_row(conn, key_id) if isinstance(key_id, str) else None
+            if key_row is None or key_row.cluster_id != state.row.id:
+                raise InvalidRequestError("the publishing license was not issued by this cluster")
+            public_key = serialization.load_pem_public_key(key_row.public_key_pem.encode())
+            pl = licenses.verify(pl_token, public_key, licenses.PL_TYPE)
+            recorded = clusters.content_row(conn, pl["pl_id"])
+            if recorded is None:
+                raise NotFoundError(f"publishing license {pl['pl_id']} is not in this cluster's content registry")
+            if pl["key_id"] != key_id:
+                raise InvalidRequestError("the publishing license wraps its content key to another key than its signer")
+            if key_row.status == "compromised":
+                raise RevokedError(_revoked_content_message(recorded, key_row))
+            pl_key = self.load_key(conn, key_id)
+            # A rotation may have retired the key this node signs with since it last read the cluster.
+            rotated = clusters.key_statuses(conn, [state.active.key_id]).get(state.active.key_id) != "active"
+        if rotated:
+            state = self.state(refresh=True)
+            rac = self._trusted_rac(state, rac_pem, now)
+        rights = licenses.granted_rights(pl, user.subject, list(user.groups))
+        if not rights:
+            raise ForbiddenError(f"{user.subject} holds no rights to content {pl['content_id']}")
+        content_key = licenses.unwrap_content_key(pl["wrapped_key"], pl_key)
+        ul = licenses.issue_ul(
+            state.active, state.row.name, pl, user.subject, rights, rac.public_key(), pki.serial_hex(rac), content_key,
+            now,
+        )
+        return {"ul": ul, "content_id": pl["content_id"], "rights": rights}
+
+    def _trusted_rac(self, state: ClusterState, rac_pem: str, now: datetime):
+        try:
+            rac = pki.load_pem(rac_pem)
+        except ValueError:
+            raise InvalidRequestError("rac is not a PEM certificate") from None
+        def trusted(anchors):
+            return any(pki.verify_issued_by(rac, slc, now) for slc in anchors)
+
+        # Not trusted by what this node read a moment ago: read again (at most once a second, however
+        # many untrusted RACs arrive), an import may have added trust.
+        if not trusted(state.trusted_slcs) and not trusted(self.state(max_age=1.0).trusted_slcs):
+            raise ForbiddenError("the RAC was not issued by this deployment's root cluster or has expired")
+        return rac
+
+    @staticmethod
+    def _refuse_if_decommissioned(state: ClusterState, what: str) -> None:
+        if state.row.state != "provisioned":
+            raise ForbiddenError(f"cluster {state.row.name} is {state.row.state}: it no longer may {what}")
+
+
+def _check_republishing(conn, state: ClusterState, user: Principal, content_id: str, old_pl_id: str) -> None:
+    old = clusters.content_row(conn, old_pl_id)
+    if old is None or old.cluster_id != state.row.id:
+        raise NotFoundError(f"publishing license {old_pl_id} is not in this cluster's content registry")
+    if old.owner != user.subject:
+        raise ForbiddenError(f"only the owner of content {old.content_id!r} ({old.owner}) may republish it")
+    if old.content_id != content_id:
+        raise InvalidRequestError(
+            f"publishing license {old_pl_id} is for content {old.content_id!r}, not {content_id!r}"
+        )
+    if old.superseded_by is not None:
+        raise InvalidRequestError(
+            f"publishing license {old_pl_id} was already republished as {old.superseded_by}; supersede that one"
+        )
+
+
+def _revoked_content_message(recorded, key_row) -> str:
+    message = (
+        f"content {recorded.content_id!r} (publishing license {recorded.pl_id}, owner {recorded.owner}) is protected "
+        f"by cluster key {key_row.id}, revoked as compromised on {key_row.status_changed_at:%Y-%m-%d}: it can no "
+        "longer be opened and must be republished by its owner under the new key"
+    )
+    if recorded.superseded_by:
+        message += f"; it was republished as publishing license {recorded.superseded_by}: use that one"
+    return message
+
+
+def _merge_rights(template: dict, extra: dict) -> dict:
+    """A template's rights, plus what the publisher grants on top."""
+    merged = {principal: list(granted) for principal, granted in template.items()}
+    for principal, granted in extra.items():
+        merged[principal] = sorted(set(merged.get(principal, [])) | set(granted))
+    return merged
+
+
+def _b64url_decode(value: str, what: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except (binascii.Error, ValueError):
+        raise InvalidRequestError(f"{what} is not base64url") from None
