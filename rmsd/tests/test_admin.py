@@ -356,8 +356,8 @@ def test_cluster_on_an_older_schema_is_read_and_upgraded(database):
     assert database.count("rights_templates") == 0 and "enrollments" not in database.dump()
     info = admin.cluster_info(name="c1", **database.admin_args())
     assert info["exists"] and info["rights_templates"] == [] and info["enrollments"] == []
-    check = admin.ensure_enrollment_credential(cluster="c1", scope="dept", secret="s" * 24, check_mode=True,
-                                               **database.admin_args())
+    check = admin.ensure_enrollment_credential(cluster="c1", scope="dept", secret="enroll-5e0f2b8c91d4a7e3a6",
+                                               check_mode=True, **database.admin_args())
     assert check.changed and "enrollments" not in database.dump()
     upgraded = provision(database)
     assert upgraded.changed and upgraded.diff["after"] == {"schema_revision": db.HEAD_REVISION}

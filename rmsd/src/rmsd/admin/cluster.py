@@ -2,7 +2,7 @@
 
 import os
 
-from rmsd import clusters, db, pki
+from rmsd import clusters, db, passwords, pki
 from rmsd.admin.common import (
     Enrollment,
     Result,
@@ -66,6 +66,8 @@ def ensure_cluster(
         if existing is None:
             if state == "decommissioned":
                 raise store.missing(name, "there is nothing to decommission")
+            if key_protection == "password":  # a new cluster's password meets the policy
+                passwords.check("key_password", key_password)
             return _provision(store, wanted, unlock.provider(key_protection), enrollment, check_mode)
         return _update_cluster(store, existing, wanted, unlock, enrollment, force, check_mode)
 

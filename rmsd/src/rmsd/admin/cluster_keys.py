@@ -3,7 +3,7 @@ licensing cluster's SLC renewed; what becomes of a compromised key in a PKCS#11 
 
 from typing import Any
 
-from rmsd import clusters, failpoints, rotation
+from rmsd import clusters, failpoints, passwords, rotation
 from rmsd.admin.common import Enrollment, Result, Unlock, check_name, check_url, token_settings
 from rmsd.admin.store import Store, opened
 from rmsd.errors import RmsdError
@@ -50,6 +50,8 @@ def ensure_cluster_key(
             raise RmsdError("reenroll is for licensing clusters: a root cluster certifies itself. Nothing was changed.")
         now = utcnow()
         plan = rotation.make_plan(keys, desired, reencrypt=reencrypt, now=now)
+        if plan.reencrypt:  # the key password changes: the new one meets the policy
+            passwords.check("key_password", key_password)
         warnings = [
             f"cluster key {k.id} is compromised and stays so: a compromised key is never used again"
             for k in keys if k.status == "compromised" and k.id not in desired.compromised_keys

@@ -2,7 +2,7 @@
 
 from datetime import timedelta
 
-from rmsd import clusters
+from rmsd import clusters, passwords
 from rmsd.admin.common import Result, check_name, check_state
 from rmsd.admin.store import opened
 from rmsd.errors import RmsdError
@@ -23,8 +23,7 @@ def ensure_enrollment_credential(
     check_name("scope", scope)
     check_state(state, ("present", "absent"))
     if state == "present":
-        if not secret or len(secret) < MIN_SECRET_LENGTH:
-            raise RmsdError(f"secret must be at least {MIN_SECRET_LENGTH} characters (a random string)")
+        passwords.check("secret", secret, min_length=MIN_SECRET_LENGTH)
         low, high = CREDENTIAL_VALIDITY
         if not low <= int(valid_for) <= high:
             raise RmsdError(f"valid_for must be between {low} and {high} seconds, not {valid_for}")

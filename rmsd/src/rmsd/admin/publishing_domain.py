@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from rmsd import clusters, tpd
+from rmsd import clusters, passwords, tpd
 from rmsd.admin.common import Result, Unlock, check_absolute, check_name, check_state, file_mode, token_settings
 from rmsd.admin.store import Store, opened
 from rmsd.config import write_atomic
@@ -28,7 +28,10 @@ def ensure_trusted_publishing_domain(
     check_name("cluster", cluster)
     check_state(state, TPD_STATES)
     check_absolute("path", path)
-    tpd.check_password(password)
+    if state == "exported":  # the password a new export is encrypted with meets the policy
+        passwords.check("the trusted publishing domain password", password)
+    else:
+        tpd.check_password(password)
     with opened(database_url, database_password) as store:
         protection = store.read(lambda conn: getattr(clusters.get_cluster(conn, cluster), "key_protection", None))
         unlock = Unlock(key_password, token=token_settings(protection, pkcs11, key_password) if protection else None)
