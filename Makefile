@@ -87,13 +87,13 @@ pytest: venv collection
 	cd rmsd && $(BIN)/pytest $(PYTEST_ARGS)
 	$(BIN)/pytest $(PYTEST_ARGS) tests
 
-# Two lanes side by side (much of a scenario's time is waiting): cluster and key_rotation one after
-# the other, the single-node scenarios beside them, then hsm and hosts (podman containers reached
-# over SSH). cluster, key_rotation and hsm share rmsd's virtualenv under build/: cluster installs it
-# first, and hsm starts minutes later, when the install is a check that changes nothing. Every
-# scenario installs from the same wheelhouse, built once in the controller's cache. Each scenario's
-# output is kept in build/molecule-logs/ and printed whole when it ends.
-MOLECULE_LANES := cluster,key_rotation default,backup_restore,hsm,hosts
+# Two lanes side by side (much of a scenario's time is waiting), about as long as each other:
+# cluster, key_rotation and default one after the other; backup_restore, hsm and hosts (podman
+# containers reached over SSH) beside them. cluster, key_rotation and hsm share rmsd's virtualenv
+# under build/: cluster installs it first, and hsm starts minutes later, when the install is a check
+# that changes nothing. Every scenario installs from the same wheelhouse, built once in the
+# controller's cache. Each scenario's output is kept in build/molecule-logs/ and printed whole when it ends.
+MOLECULE_LANES := cluster,key_rotation,default backup_restore,hsm,hosts
 MOLECULE_LOGS := $(BUILD)/molecule-logs
 
 molecule: venv collection

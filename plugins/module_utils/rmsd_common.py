@@ -8,6 +8,7 @@ the call into rmsd's admin API. All RMS logic lives in rmsd; the modules only tr
 
 from __future__ import annotations
 
+import re
 import traceback
 
 from ansible.module_utils.basic import AnsibleModule, env_fallback, missing_required_lib
@@ -54,6 +55,16 @@ def pkcs11_argument_spec():
     )
 
 
+def enrollment_argument_spec():
+    """How a licensing cluster reaches its root cluster to enroll a key; documented by the rmsops.rms.enrollment
+    fragment."""
+    return dict(
+        enrollment_url=dict(type="str"),
+        enrollment_credential=dict(type="str", no_log=True),
+        enrollment_ca_path=dict(type="path"),
+    )
+
+
 def require_rmsd(module):
     """Fail with a hint on how to install rmsd rather than with a traceback."""
     if RMSD_IMPORT_ERROR is not None:
@@ -73,7 +84,26 @@ def call_admin(module, function, /, **kwargs):
         module.fail_json(msg=f"the rmsd installed on this host is older than the rmsops.rms collection ({err}); "
                              "install the rmsd bundled with it first (the rmsops.rms.server role, tasks_from: install)")
     except RmsdError as err:
-        module.fail_json(msg=str(err))
+        module.fail_json(msg=for_ansible_users(str(err)))
+
+
+# rmsd speaks of its own operations; where a message asks for one of them, name the module that does it.
+HINTS = (
+    (re.compile(r"^cluster '[^']*' does not exist in .*; provision it first\b"), "rmsops.rms.cluster"),
+    (re.compile(r"create (a fresh|an) enrollment credential on the root cluster", re.IGNORECASE),
+     "rmsops.rms.enrollment_credential"),
+    (re.compile(r"as cluster information lists them"), "rmsops.rms.cluster_info"),
+)
+
+
+def for_ansible_users(message):
+    """rmsd's message, with the module that does what it asks for named (once, in parentheses)."""
+    for pattern, module_name in HINTS:
+        match = pattern.search(message)
+        if match and module_name not in message:
+            end = match.end()
+            message = f"{message[:end]} (with {module_name}){message[end:]}"
+    return message
 
 
 def result_to_module(result):
@@ -93,9 +123,14 @@ def rmsd_module(argument_spec, **kwargs):
 def run_ensure(module, function, *facts, **defaults):
     """Call rmsd.admin.<function> with the module's parameters (their names are the function's keyword
     arguments) and exit with changed, the metadata-only diff, rmsd's warnings and the named facts
-    (a fact rmsd did not return is `defaults[fact]`, else an empty dict)."""
+    (a fact rmsd did not return is `defaults[fact]`, else an empty dict; a fact whose default is a bool
+    is returned as a bool)."""
     result = call_admin(module, function, check_mode=module.check_mode, **module.params)
     for warning in result.warnings:
         module.warn(warning)
-    module.exit_json(**{fact: result.facts.get(fact, defaults.get(fact, {})) for fact in facts},
-                     **result_to_module(result))
+    returned = {}
+    for fact in facts:
+        default = defaults.get(fact, {})
+        value = result.facts.get(fact, default)
+        returned[fact] = bool(value) if isinstance(default, bool) else value
+    module.exit_json(**returned, **result_to_module(result))

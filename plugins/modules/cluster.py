@@ -16,8 +16,8 @@ description:
     server licensor certificate (SLC) in one transaction; a failed or interrupted run leaves nothing half-made and
     a rerun converges.
   - Provisioning a licensing cluster generates its own key in its own configuration database and enrolls it with
-    the root cluster at O(enrollment_url), which issues the licensing cluster's SLC. A standalone licensing server
-    is a licensing cluster of one.
+    the root cluster at O(enrollment_url) (this needs O(enrollment_credential)), which issues the licensing
+    cluster's SLC. A standalone licensing server is a licensing cluster of one.
   - On every run a licensing cluster checks that its SLC chains to the root cluster's active key; when the root
     cluster has a new key, the licensing cluster re-enrolls its own, unchanged key (this needs a fresh
     O(enrollment_credential)).
@@ -25,15 +25,12 @@ description:
     with a message saying how to proceed.
   - The module is a thin layer over C(rmsd.admin.ensure_cluster); run it where rmsd is importable.
 extends_documentation_fragment:
+  - rmsops.rms.attributes
   - rmsops.rms.database
   - rmsops.rms.pkcs11
+  - rmsops.rms.enrollment
 attributes:
-  check_mode:
-    description: Can run in check mode and return changed status prediction without modifying target.
-    support: full
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
-    support: full
     details: The diff shows cluster metadata only, never key material or passwords.
 options:
   name:
@@ -48,6 +45,7 @@ options:
       - A licensing cluster publishes and licenses content only; users get their RACs from the root cluster.
         Every deployment has one root cluster; each cluster has its own configuration database, so a second
         root cluster in the same database is refused.
+      - V(licensing) requires O(enrollment_url).
     type: str
     choices: [root, licensing]
     default: root
@@ -89,21 +87,6 @@ options:
       - URL clients outside the organization reach the cluster at, if any. Published with the cluster's SLC
         (C(GET /slc)).
     type: str
-  enrollment_url:
-    description:
-      - With O(role=licensing), URL of the root cluster (its load balancer) to enroll with. Required for
-        O(role=licensing).
-    type: str
-  enrollment_credential:
-    description:
-      - With O(role=licensing), the secret of an enrollment credential the root cluster holds for this cluster
-        (see M(rmsops.rms.enrollment_credential)). Needed only when the cluster must enroll, that is when it is
-        provisioned or the root cluster's key changed.
-    type: str
-  enrollment_ca_path:
-    description:
-      - CA bundle to verify an https O(enrollment_url) with; the system CAs when omitted.
-    type: path
   state:
     description:
       - V(present) provisions the cluster if it does not exist and updates its URLs.
@@ -232,6 +215,7 @@ cluster:
 """
 
 from ansible_collections.rmsops.rms.plugins.module_utils.rmsd_common import (
+    enrollment_argument_spec,
     pkcs11_argument_spec,
     rmsd_module,
     run_ensure,
@@ -249,12 +233,10 @@ def main():
             key_size=dict(type="int", choices=[2048, 3072, 4096], default=2048),
             intranet_url=dict(type="str"),
             extranet_url=dict(type="str"),
-            enrollment_url=dict(type="str"),
-            enrollment_credential=dict(type="str", no_log=True),
-            enrollment_ca_path=dict(type="path"),
             state=dict(type="str", choices=["present", "decommissioned", "absent"], default="present"),
             force=dict(type="bool", default=False),
             **pkcs11_argument_spec(),
+            **enrollment_argument_spec(),
         ),
         required_if=[
             ("state", "present", ("intranet_url",)),

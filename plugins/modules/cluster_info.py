@@ -17,14 +17,12 @@ description:
   - Never changes anything. Key material is never returned.
   - The module is a thin layer over C(rmsd.admin.cluster_info); run it where rmsd is importable.
 extends_documentation_fragment:
+  - rmsops.rms.attributes
   - rmsops.rms.database
 attributes:
   check_mode:
-    description: Can run in check mode and return changed status prediction without modifying target.
-    support: full
     details: The module only reads.
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
     support: none
 options:
   name:
@@ -51,6 +49,24 @@ EXAMPLES = r"""
 - name: Show the keys and how much content each protects
   ansible.builtin.debug:
     msg: "{{ corp.cluster_keys | map(attribute='status') }} {{ corp.content_per_key }}"
+
+- name: Name the configuration database once for every rmsops.rms module of a block
+  module_defaults:
+    group/rmsops.rms.rmsd:
+      database_url: postgresql://rms@db.corp.example.com:5432/rms_finance
+      database_password: "{{ vault_rms_finance_database_password }}"
+  block:
+    - name: Read the licensing cluster
+      rmsops.rms.cluster_info:
+        name: finance
+      register: finance
+
+    - name: Keep its rights policy template
+      rmsops.rms.rights_template:
+        cluster: finance
+        name: finance-confidential
+        rights:
+          "group:finance": [VIEW, PRINT]
 """
 
 RETURN = r"""

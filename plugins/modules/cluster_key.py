@@ -30,15 +30,12 @@ description:
     any point leaves the old key in place and a rerun converges; two runs at once perform one rotation.
   - The module is a thin layer over C(rmsd.admin.ensure_cluster_key); run it where rmsd is importable.
 extends_documentation_fragment:
+  - rmsops.rms.attributes
   - rmsops.rms.database
   - rmsops.rms.pkcs11
+  - rmsops.rms.enrollment
 attributes:
-  check_mode:
-    description: Can run in check mode and return changed status prediction without modifying target.
-    support: full
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
-    support: full
     details: The diff shows key ids and statuses only, never key material or passwords.
 options:
   cluster:
@@ -86,24 +83,11 @@ options:
     choices: [2048, 3072, 4096]
   reenroll:
     description:
-      - For a licensing cluster, renew the SLC of the active key with the root cluster (the same key pair). This is an
-        action, not a state; every run with it set renews the SLC.
+      - For a licensing cluster, renew the SLC of the active key with the root cluster at O(enrollment_url) (the same
+        key pair). This is an action, not a state; every run with it set renews the SLC.
       - Refused while the active key is listed in O(compromised_keys).
     type: bool
     default: false
-  enrollment_url:
-    description:
-      - For a licensing cluster, URL of the root cluster to enroll a new key (or O(reenroll)) with.
-    type: str
-  enrollment_credential:
-    description:
-      - For a licensing cluster, the secret of an enrollment credential the root cluster holds for it
-        (M(rmsops.rms.enrollment_credential)); needed only when a key is enrolled.
-    type: str
-  enrollment_ca_path:
-    description:
-      - CA bundle to verify an https O(enrollment_url) with; the system CAs when omitted.
-    type: path
 seealso:
   - module: rmsops.rms.cluster_info
   - module: rmsops.rms.compromise_report
@@ -233,6 +217,7 @@ token:
 """
 
 from ansible_collections.rmsops.rms.plugins.module_utils.rmsd_common import (
+    enrollment_argument_spec,
     pkcs11_argument_spec,
     rmsd_module,
     run_ensure,
@@ -250,11 +235,9 @@ def main():
             max_age=dict(type="int"),
             key_size=dict(type="int", choices=[2048, 3072, 4096]),
             reenroll=dict(type="bool", default=False),
-            enrollment_url=dict(type="str"),
-            enrollment_credential=dict(type="str", no_log=True),
-            enrollment_ca_path=dict(type="path"),
             compromised_key_in_token=dict(type="str", choices=["destroy", "disable"]),
             **pkcs11_argument_spec(),
+            **enrollment_argument_spec(),
         ),
         required_one_of=[("key_password", "pkcs11")],
         mutually_exclusive=[("key_password", "pkcs11"), ("previous_key_password", "pkcs11")],

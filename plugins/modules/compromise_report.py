@@ -23,14 +23,10 @@ description:
     next run.
   - The module is a thin layer over C(rmsd.admin.ensure_compromise_report); run it where rmsd is importable.
 extends_documentation_fragment:
+  - rmsops.rms.attributes
   - rmsops.rms.database
 attributes:
-  check_mode:
-    description: Can run in check mode and return changed status prediction without modifying target.
-    support: full
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
-    support: full
     details: The diff names the files that are rewritten and the owners that are notified.
 options:
   cluster:

@@ -21,14 +21,10 @@ description:
   - The module is a thin layer over C(rmsd.admin.ensure_enrollment_credential); run it where rmsd is importable,
     against the root cluster's configuration database.
 extends_documentation_fragment:
+  - rmsops.rms.attributes
   - rmsops.rms.database
 attributes:
-  check_mode:
-    description: Can run in check mode and return changed status prediction without modifying target.
-    support: full
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
-    support: full
     details: The diff shows the scope and expiry only.
 options:
   cluster:

@@ -16,14 +16,8 @@ description:
   - Each cluster has its own templates, so a department's licensing cluster carries the department's policy.
   - The module is a thin layer over C(rmsd.admin.ensure_rights_template); run it where rmsd is importable.
 extends_documentation_fragment:
+  - rmsops.rms.attributes
   - rmsops.rms.database
-attributes:
-  check_mode:
-    description: Can run in check mode and return changed status prediction without modifying target.
-    support: full
-  diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
-    support: full
 options:
   cluster:
     description:

@@ -22,15 +22,11 @@ description:
     service must restart. The C(rmsops.rms.server) role does both.
   - The module is a thin layer over C(rmsd.admin.ensure_server); run it where rmsd is importable.
 extends_documentation_fragment:
+  - rmsops.rms.attributes
   - rmsops.rms.database
   - rmsops.rms.pkcs11
 attributes:
-  check_mode:
-    description: Can run in check mode and return changed status prediction without modifying target.
-    support: full
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
-    support: full
     details: The diff shows the registration and the configuration file; of the secret file only whether it changes.
 options:
   cluster:
@@ -233,10 +229,9 @@ config_changed:
 """
 
 from ansible_collections.rmsops.rms.plugins.module_utils.rmsd_common import (
-    call_admin,
     pkcs11_argument_spec,
-    result_to_module,
     rmsd_module,
+    run_ensure,
 )
 
 
@@ -270,14 +265,7 @@ def main():
         mutually_exclusive=[("key_password", "pkcs11")],
         required_together=[("tls_certificate", "tls_key")],
     )
-    result = call_admin(module, "ensure_server", check_mode=module.check_mode, **module.params)
-    for warning in result.warnings:
-        module.warn(warning)
-    module.exit_json(
-        server=result.facts.get("server", {}),
-        config_changed=bool(result.facts.get("config_changed", False)),
-        **result_to_module(result)
-    )
+    run_ensure(module, "ensure_server", "server", "config_changed", config_changed=False)
 
 
 if __name__ == "__main__":

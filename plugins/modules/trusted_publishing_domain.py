@@ -23,15 +23,11 @@ description:
     under the imported root keys are trusted again. A rerun changes nothing.
   - The module is a thin layer over C(rmsd.admin.ensure_trusted_publishing_domain); run it where rmsd is importable.
 extends_documentation_fragment:
+  - rmsops.rms.attributes
   - rmsops.rms.database
   - rmsops.rms.pkcs11
 attributes:
-  check_mode:
-    description: Can run in check mode and return changed status prediction without modifying target.
-    support: full
   diff_mode:
-    description: Will return details on what has changed (or possibly needs changing in check mode), when in diff mode.
-    support: full
     details: The diff shows key ids, statuses and counts, never key material or passwords.
 options:
   cluster:
