@@ -25,7 +25,7 @@ OPERATIONS = [
     ("POST", "/licensing"),
     ("POST", "/enrollment"),
 ]
-MAX_EXAMPLES = 60  # per operation, mode and backend: 1,152 single requests in all
+MAX_EXAMPLES = 60  # per operation, generation mode and backend
 STATEFUL = settings(max_examples=40, stateful_step_count=6, deadline=None, database=None, derandomize=True,
                     suppress_health_check=list(HealthCheck))
 
