@@ -2,6 +2,7 @@
 (RFC 9457 problem documents for every error status) and configuration database outages (503 with
 Retry-After, logged once when they start and once when they end)."""
 
+import asyncio
 import json
 import logging
 import select
@@ -12,6 +13,8 @@ import httpx
 import pytest
 import sqlalchemy as sa
 from conftest import configure_node, make_issuer, provision, sqlite_database, start_node, stop_node
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from starlette.testclient import TestClient
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -244,8 +247,6 @@ async def _drive(guard, chunks):
 
 
 def test_streamed_body_stops_being_read_at_the_limit():
-    import asyncio
-
     async def greedy_app(scope, receive, send):
         body = b""
         while True:
@@ -374,22 +375,19 @@ def test_bad_limits_are_refused_before_anything_is_written(tmp_path, limits_give
 # --- generated: bodies of every size and chunking, slow bodies ------------------------------------------
 
 
+async def reading_app(scope, receive, send):
+    """An application that reads the whole body, then answers 200."""
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
 def test_generated_bodies_are_refused_exactly_over_the_limit(record_property):
     """Any body, in any chunks, with or without a declared length: read whole when it fits the limit, refused
     with 413 (and no chunk read past the first one over it) when it does not."""
-    import asyncio
-
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
-
     limit = 4096
     outcomes = {"read whole": 0, "refused 413": 0}
-
-    async def reading_app(scope, receive, send):
-        while (await receive()).get("more_body"):
-            pass
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
 
     @given(sizes=st.lists(st.integers(0, 3000), min_size=1, max_size=12), declared=st.booleans())
     @settings(max_examples=300, deadline=None, database=None, derandomize=True,
@@ -429,18 +427,7 @@ def test_generated_bodies_are_refused_exactly_over_the_limit(record_property):
 
 def test_generated_slow_bodies_get_408_and_fast_ones_are_served(record_property):
     """A body whose chunks stall is answered 408 wherever it stalls; one that arrives is read whole."""
-    import asyncio
-
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
-
     outcomes = {"served": 0, "refused 408": 0}
-
-    async def reading_app(scope, receive, send):
-        while (await receive()).get("more_body"):
-            pass
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
 
     @given(count=st.integers(1, 6), stall_at=st.one_of(st.none(), st.integers(0, 5)))
     @settings(max_examples=20, deadline=None, database=None, derandomize=True,
