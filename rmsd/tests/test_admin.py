@@ -202,6 +202,33 @@ def test_server_check_real_check_real(database, tmp_path):
     assert fourth.facts["server"]["url"] == "http://127.0.0.1:18080"
 
 
+@pytest.mark.parametrize("drift, restart", [
+    ("config mode", False), ("secret mode", False), ("secret deleted", True), ("config edited", True),
+])
+def test_server_repairs_file_drift_and_says_whether_the_node_must_restart(database, tmp_path, drift, restart):
+    """A wrong mode is repaired without a restart; content the node reads at start asks for one."""
+    provision(database)
+    args = server_args(database, tmp_path)
+    admin.ensure_server(**args)
+    config, secret = tmp_path / "etc" / "n1.toml", tmp_path / "etc" / "n1.secret"
+    wanted = {config: config.read_bytes(), secret: secret.read_bytes()}
+    if drift == "config mode":
+        config.chmod(0o666)
+    elif drift == "secret mode":
+        secret.chmod(0o644)
+    elif drift == "secret deleted":
+        secret.unlink()
+    else:
+        config.write_text(config.read_text() + "# edited by hand\n")
+    predicted = admin.ensure_server(**args, check_mode=True)
+    repaired = admin.ensure_server(**args)
+    assert (predicted.changed, repaired.changed) == (True, True)
+    assert predicted.facts["config_changed"] == repaired.facts["config_changed"] == restart
+    assert {path: path.read_bytes() for path in wanted} == wanted
+    assert (config.stat().st_mode & 0o777, secret.stat().st_mode & 0o777) == (0o640, 0o600)
+    assert admin.ensure_server(**args).changed is False
+
+
 def test_server_port_change_rewrites_config_and_registration(database, tmp_path):
     provision(database)
     admin.ensure_server(**server_args(database, tmp_path))

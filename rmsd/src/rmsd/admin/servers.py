@@ -2,10 +2,11 @@
 
 import ipaddress
 import os
+import pwd
 from pathlib import Path
 
 from rmsd import clusters
-from rmsd.admin.common import Result, Unlock, check_absolute, check_name, check_state, file_mode
+from rmsd.admin.common import Result, Unlock, check_absolute, check_name, check_state
 from rmsd.admin.store import Store, opened
 from rmsd.config import (
     NodeConfig,
@@ -118,10 +119,13 @@ def _server_present(store: Store, config: NodeConfig, config_path, secrets: Secr
     config_text = config.render()
     secret_text = secrets.render()
     secret_path = config.secret_path
+    # What the node reads at start differs: it must restart to use it.
     config_changed = read_text_or_none(config_path) != config_text
-    secret_changed = read_text_or_none(secret_path) != secret_text or file_mode(secret_path) != 0o600
+    secret_changed = read_text_or_none(secret_path) != secret_text
+    # Same content, wrong mode or owner: rewritten, no restart needed.
+    files_drifted = not (_owned_with_mode(config_path, 0o640) and _owned_with_mode(secret_path, 0o600))
     reg_changed = registered != wanted_reg
-    changed = config_changed or secret_changed or reg_changed
+    changed = config_changed or secret_changed or files_drifted or reg_changed
     facts = {
         "server": {
             "name": config.name, "cluster": config.cluster, "listen_address": config.listen_address,
@@ -135,22 +139,58 @@ def _server_present(store: Store, config: NodeConfig, config_path, secrets: Secr
             "registration": registered,
             "config": read_text_or_none(config_path),
             "secret_file": "present" if os.path.exists(secret_path) else "absent",
+            "files": _mode_and_owner(config_path, secret_path),
         },
         "after": {
             "registration": wanted_reg,
             "config": config_text,
             # Secret content is never shown, only whether it changes.
             "secret_file": "will be rewritten (0600)" if secret_changed else "present",
+            "files": {config_path: f"0640 {_me()}", secret_path: f"0600 {_me()}"},
         },
     }
-    if changed and not check_mode:
+    if reg_changed and not check_mode:
         with store.writing(config.cluster) as conn:
             row = clusters.get_cluster(conn, config.cluster)
             clusters.save_server(conn, row.id, config.name, config.listen_address, config.port, utcnow(),
                                  tls=config.tls)
+    if (secret_changed or files_drifted) and not check_mode:
         write_atomic(secret_path, secret_text, 0o600)
+    if (config_changed or files_drifted) and not check_mode:
         write_atomic(config_path, config_text, 0o640)
     return Result(changed=changed, diff=diff if changed else {"before": {}, "after": {}}, facts=facts)
+
+
+def _owned_with_mode(path, mode: int) -> bool:
+    """The file exists with `mode` and belongs to the user the node runs as (who runs this)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return st.st_mode & 0o777 == mode and st.st_uid == os.geteuid()
+
+
+def pwd_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _me() -> str:
+    return pwd_name(os.geteuid())
+
+
+def _mode_and_owner(*paths) -> dict:
+    described = {}
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            described[path] = "absent"
+            continue
+        described[path] = f"{st.st_mode & 0o777:04o} {pwd_name(st.st_uid)}"
+    return described
 
 
 def _server_absent(store: Store, cluster, name, config_path, secret_path, check_mode) -> Result:
