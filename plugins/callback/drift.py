@@ -16,6 +16,9 @@ description:
     handler made it, and the names of the fields its diff covers (for example V(config), V(registration),
     V(keys)). Never the values, so no key material or secret reaches the file; a task with C(no_log) is recorded
     without its fields.
+  - The roles report a change that a command makes, and that cannot run in check mode (starting or restarting
+    rmsd under supervisord, installing rmsd), with a stand-in task of the same name in check mode; its message,
+    the reason for the change, is recorded as C(reason).
   - Failed and unreachable hosts are listed too, so a pipeline never reads a failed run as "no drift".
   - Enable it next to the usual output with C(callbacks_enabled = rmsops.rms.drift) in C(ansible.cfg) or
     C(ANSIBLE_CALLBACKS_ENABLED=rmsops.rms.drift).
@@ -120,4 +123,8 @@ class CallbackModule(CallbackBase):
                     elif value is not None:
                         fields.add("content")
         entry["fields"] = sorted(fields)
+        # A check-mode stand-in (a debug task the roles write for a command that cannot run in check mode)
+        # says why the real run changes something; the roles' messages name no secret.
+        if entry["action"] == "ansible.builtin.debug" and not result._result.get("censored"):
+            entry["reason"] = str(result._result.get("msg", ""))
         return entry

@@ -57,8 +57,10 @@ def master_counters(master: str) -> tuple[int, int]:
     return int(found.group(1)), int(found.group(2))
 
 
-def reload(master: str, timeout: float) -> dict:
+def reload(master: str, timeout: float, check: bool = False) -> dict:
     reloads, failed = master_counters(master)
+    if check:  # the master answers: a real run would reload it
+        return {"reloads": reloads, "check": True}
     # The master re-executes itself, so the connection ends without an answer.
     ask(master, "reload")
     deadline = time.monotonic() + timeout
@@ -136,6 +138,7 @@ def main() -> int:
     p_reload = sub.add_parser("reload")
     p_reload.add_argument("socket")
     p_reload.add_argument("--timeout", type=float, default=30)
+    p_reload.add_argument("--check", action="store_true")
     p_member = sub.add_parser("member")
     p_member.add_argument("socket")
     p_member.add_argument("backend")
@@ -149,7 +152,7 @@ def main() -> int:
             master_counters(args.socket)
             return 0
         if args.action == "reload":
-            result = reload(args.socket, args.timeout)
+            result = reload(args.socket, args.timeout, args.check)
         else:
             result = member(args.socket, args.backend, args.name, args.state, args.timeout, args.check)
     except Unreachable as exc:
