@@ -3,6 +3,7 @@ with a message that names it, its owner republishes it, nothing is signed with a
 compromised root key are no longer trusted, and content under an archived key still opens. ULs are
 checked with jwcrypto, not the joserfc that issued them."""
 
+import importlib.metadata
 import json
 import tomllib
 from datetime import timedelta
@@ -160,6 +161,7 @@ def _node_config(node) -> dict:
 def test_health_advises_a_restart_once_a_key_was_revoked_after_the_node_started(fresh_node):
     health = httpx.get(f"{fresh_node.url}/health").json()
     assert health["started_at"] <= utcnow().isoformat() and health["restart_advised"] is False
+    assert health["version"] == importlib.metadata.version("rmsd")  # the version installed, as operators read it
     engine = fresh_node.database.engine()
     with engine.connect() as conn:
         changed_at = conn.execute(sa.select(cluster_keys.c.status_changed_at)).scalar_one()
