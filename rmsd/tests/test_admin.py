@@ -390,3 +390,8 @@ def test_cluster_on_an_older_schema_is_read_and_upgraded(database):
     assert upgraded.changed and upgraded.diff["after"] == {"schema_revision": db.HEAD_REVISION}
     assert "enrollments" in database.dump()
     assert not provision(database).changed
+
+
+def test_head_revision_is_alembics_head():
+    """db.HEAD_REVISION is a constant (no alembic import per module run): it must name the newest migration."""
+    assert db.HEAD_REVISION == db.alembic_head_revision()
