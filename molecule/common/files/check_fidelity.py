@@ -71,7 +71,7 @@ def main() -> int:
             {"name": f"Drift: {d['kind']}", "hosts": d["host"], "gather_facts": False, "tasks": d["inject"]}
             for d in drifts
         ]))
-        rc, _, output = run_playbook(args, inject, args.workdir / f"inject-{number}.json")
+        rc, _drift, output = run_playbook(args, inject, args.workdir / f"inject-{number}.json")
         if rc != 0:
             print(f"could not inject round {number}:\n{output}", file=sys.stderr)
             return 1
@@ -100,6 +100,7 @@ def main() -> int:
                             collections.Counter(), collections.Counter(), {}))
 
     widths = [max(len(str(row[i])) for row in [HEADER, *rows]) for i in range(len(HEADER))]
+
     def line(cells):
         return " | ".join(str(cell).ljust(width) for cell, width in zip(cells, widths, strict=True))
 
