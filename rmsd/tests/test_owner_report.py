@@ -81,19 +81,23 @@ def test_report_lists_what_each_owner_must_republish(compromised, tmp_path):
     assert check.changed and not (tmp_path / "report").exists()
     done = report(compromised, tmp_path)
     assert done.changed and done.facts["report"]["pending"] == 3 and done.facts["report"]["republished"] == 0
-    assert done.facts["report"]["owners"] == [
+    assert done.facts["report"]["top_owners"] == [
         {"owner": "alice@example.com", "pending": 2, "republished": 0},
         {"owner": "carol@example.com", "pending": 1, "republished": 0},
     ]
+    assert done.facts["report"]["owner_count"] == 2
     data = json.loads((tmp_path / "report" / "affected.json").read_text())
     assert [k["id"] for k in data["compromised_keys"]] == [compromised["old_key"]]
-    assert {c["content_id"] for o in data["owners"] for c in o["content"]} == {"plan-a", "plan-b", "budget"}
+    assert data["owners_file"] == "affected.owners.jsonl" and data["rows_sha256"] == done.facts["report"]["rows_sha256"]
+    owners = [json.loads(line) for line in (tmp_path / "report" / "affected.owners.jsonl").read_text().splitlines()]
+    assert [o["owner"] for o in owners] == ["alice@example.com", "carol@example.com"]
+    assert [c["content_id"] for o in owners for c in o["content"]] == ["plan-a", "plan-b", "budget"]
     rows = list(csv.DictReader(io.StringIO((tmp_path / "report" / "affected.csv").read_text())))
     assert sorted((r["owner"], r["content_id"], r["status"]) for r in rows) == [
         ("alice@example.com", "plan-a", "pending"), ("alice@example.com", "plan-b", "pending"),
         ("carol@example.com", "budget", "pending"),
     ]
-    for name in ("affected.json", "affected.csv"):
+    for name in ("affected.json", "affected.owners.jsonl", "affected.csv"):
         assert stat.S_IMODE(os.stat(tmp_path / "report" / name).st_mode) == 0o640
     assert report(compromised, tmp_path).changed is False
 
@@ -114,9 +118,11 @@ def test_each_owner_is_notified_once_over_smtp(compromised, tmp_path, smtp):
     controller, inbox = smtp
     smtp_args = {"notify": True, "sender": SENDER, "smtp_host": "127.0.0.1", "smtp_port": controller.port}
     check = report(compromised, tmp_path, check_mode=True, **smtp_args)
-    assert check.facts["notified"] == ["alice@example.com", "carol@example.com"] and inbox.messages == []
+    assert check.facts["notified"] == 2 and inbox.messages == []
+    assert check.facts["notified_owners"] == ["alice@example.com", "carol@example.com"]
     sent = report(compromised, tmp_path, **smtp_args)
-    assert sent.changed and sent.facts["notified"] == ["alice@example.com", "carol@example.com"]
+    assert sent.changed and sent.facts["notified"] == 2
+    assert sent.facts["notified_owners"] == ["alice@example.com", "carol@example.com"]
     assert sorted(m["To"] for m in inbox.messages) == ["alice@example.com", "carol@example.com"]
     alice = next(m for m in inbox.messages if m["To"] == "alice@example.com")
     assert alice["From"] == SENDER and "2 documents of yours must be republished" in alice["Subject"]
@@ -125,7 +131,7 @@ def test_each_owner_is_notified_once_over_smtp(compromised, tmp_path, smtp):
         assert word in body
     assert "budget" not in body and "fresh" not in body
     again = report(compromised, tmp_path, **smtp_args)
-    assert again.changed is False and again.facts["notified"] == [] and len(inbox.messages) == 2
+    assert again.changed is False and again.facts["notified"] == 0 and len(inbox.messages) == 2
 
 
 def test_notices_render_from_the_operators_templates_into_an_outbox(compromised, tmp_path):
@@ -137,7 +143,7 @@ def test_notices_render_from_the_operators_templates_into_an_outbox(compromised,
     outbox = tmp_path / "outbox"
     done = report(compromised, tmp_path, notify=True, sender=SENDER, outbox_dir=str(outbox),
                   template_dir=str(templates))
-    assert done.facts["notified"] == ["alice@example.com", "carol@example.com"]
+    assert done.facts["notified_owners"] == ["alice@example.com", "carol@example.com"]
     files = sorted(outbox.iterdir())
     assert len(files) == 2 and all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
     messages = {m["To"]: m for m in (email.message_from_string(f.read_text(), policy=email.policy.default)
@@ -160,7 +166,7 @@ def test_failed_delivery_or_bad_template_records_nothing_and_the_next_run_sends(
     assert inbox.messages == []
     sent = report(compromised, tmp_path, notify=True, sender=SENDER, smtp_host="127.0.0.1",
                   smtp_port=controller.port)
-    assert sent.facts["notified"] == ["alice@example.com", "carol@example.com"] and len(inbox.messages) == 2
+    assert sent.facts["notified"] == 2 and len(inbox.messages) == 2
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
