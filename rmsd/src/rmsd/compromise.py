@@ -14,7 +14,9 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from email.message import EmailMessage
+from email.charset import QP, Charset
+from email.header import Header
+from email.message import Message
 from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import Any
@@ -255,12 +257,19 @@ class Smtp:
     timeout: float = 30.0
 
 
-def message(sender: str, owner: str, subject: str, body: str) -> EmailMessage:
-    msg = EmailMessage()
-    msg["From"], msg["To"], msg["Subject"] = sender, owner, subject
+_UTF8 = Charset("utf-8")
+_UTF8.body_encoding = QP  # a body still readable as it travels
+
+
+def message(sender: str, owner: str, subject: str, body: str) -> Message:
+    """A plain text message. Built with the email package's compat32 classes: thousands of notices are
+    rendered a run, and its header registry costs more than the rest of a notice."""
+    msg = Message()
+    msg["From"], msg["To"] = sender, owner
+    msg["Subject"] = subject if subject.isascii() else Header(subject, "utf-8").encode()
     msg["Date"] = formatdate(localtime=False)
     msg["Message-ID"] = make_msgid(domain=sender.rpartition("@")[2] or None)
-    msg.set_content(body)
+    msg.set_payload(body, "us-ascii" if body.isascii() else _UTF8)
     return msg
 
 
@@ -272,7 +281,7 @@ class Outbox:
     def __init__(self, folder: str):
         self.folder = Path(folder)
 
-    def send(self, msg: EmailMessage) -> None:
+    def send(self, msg: Message) -> None:
         name = msg["To"].replace("/", "_") + "-" + msg["Message-ID"].strip("<>").split("@")[0] + ".eml"
         write_atomic(self.folder / name, msg.as_string(), 0o600)
 
@@ -304,7 +313,7 @@ class SmtpConnection:
         self.connections += 1
         return server
 
-    def send(self, msg: EmailMessage) -> None:
+    def send(self, msg: Message) -> None:
         for attempt in (1, 2):
             try:
                 if self.server is None:
@@ -323,7 +332,7 @@ class SmtpConnection:
                 self._drop()
                 raise self._error(msg, err) from None
 
-    def _error(self, msg: EmailMessage, err: Exception) -> RmsdError:
+    def _error(self, msg: Message, err: Exception) -> RmsdError:
         return RmsdError(
             f"cannot send the notice to {msg['To']} through SMTP server {self.smtp.host}:{self.smtp.port}: "
             f"{type(err).__name__}: {err}. The owners not reached yet are notified on the next run."
