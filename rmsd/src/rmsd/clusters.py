@@ -520,24 +520,21 @@ def _due(cluster_id: int):
             content.c.key_id.in_(_compromised_key_ids(cluster_id)), ~sa.exists(told))
 
 
-def due_notice_count(conn: sa.Connection, cluster_id: int) -> int:
-    """How many (owner, compromised key) notices are still due."""
-    pairs = sa.select(content.c.owner, content.c.key_id).where(*_due(cluster_id)).distinct().subquery()
-    return conn.execute(sa.select(sa.func.count()).select_from(pairs)).scalar_one()
+def due_notices(conn: sa.Connection, cluster_id: int) -> list[tuple[str, str]]:
+    """(owner, compromised key id) of every notice still due, in owner order: one row per owner and key,
+    however many items they hold."""
+    query = (sa.select(content.c.owner, content.c.key_id).where(*_due(cluster_id)).distinct()
+             .order_by(content.c.owner, content.c.key_id))
+    return [(owner, key_id) for owner, key_id in conn.execute(query)]
 
 
-def due_notice_items(conn: sa.Connection, cluster_id: int, after: str | None, owners: int) -> list[sa.Row]:
-    """The pending items of the next `owners` owners (in owner order, after the owner `after`) still to be
-    told about a compromised key: rows of (owner, key_id, content_id, pl_id, created_at), in owner order."""
-    next_owners = sa.select(content.c.owner).where(*_due(cluster_id)).distinct().order_by(content.c.owner)
-    if after is not None:
-        next_owners = next_owners.where(content.c.owner > after)
-    names = list(conn.execute(next_owners.limit(owners)).scalars())
-    if not names:
-        return []
+def content_of_owners(conn: sa.Connection, cluster_id: int, owners: list[str]) -> list[sa.Row]:
+    """Every content item of these owners (through the owner index, whichever key it is under): rows of
+    (owner, key_id, content_id, pl_id, created_at, superseded_by), in owner order."""
     query = (
-        sa.select(content.c.owner, content.c.key_id, content.c.content_id, content.c.pl_id, content.c.created_at)
-        .where(*_due(cluster_id), content.c.owner >= names[0], content.c.owner <= names[-1])
+        sa.select(content.c.owner, content.c.key_id, content.c.content_id, content.c.pl_id, content.c.created_at,
+                  content.c.superseded_by)
+        .where(content.c.cluster_id == cluster_id, content.c.owner.in_(owners))
         .order_by(content.c.owner, content.c.key_id, content.c.content_id, content.c.created_at, content.c.pl_id)
     )
     return list(conn.execute(query))

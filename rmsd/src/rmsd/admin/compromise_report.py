@@ -7,7 +7,6 @@ the notices go out over one SMTP connection, each recorded as soon as the server
 from collections.abc import Callable
 from contextlib import nullcontext
 from functools import partial
-from itertools import groupby
 from typing import Any
 
 from rmsd import clusters, compromise
@@ -59,22 +58,22 @@ def ensure_compromise_report(
             if row is None:
                 return None
             keys = [k for k in clusters.keys_of(conn, row.id) if k.status == "compromised"]
-            return row, keys, (clusters.due_notice_count(conn, row.id) if notify else 0)
+            return row, keys, (clusters.due_notices(conn, row.id) if notify else [])
 
         found = store.read(current)
         if found is None:
             raise store.missing(cluster)
-        row, keys, due = found
+        row, keys, due = found  # the notices due: (owner, key id), memory in proportion to owners, not items
         compromised = [{"id": k.id, "compromised_at": k.status_changed_at.isoformat()} for k in keys]
         summary, stale = _report(store, row.id, cluster, compromised, json_path, csv_path, check_mode)
-        notices = {"due": due, "notified": 0, "owners": []}
+        notices = {"notified": 0, "owners": []}
         if notify and due and (not check_mode or notify_dry_run):
             notices = _notify(store, row, compromised, sender, template_dir, channel, rate, notify_dry_run, due,
                               progress, check_mode)
         elif notify and due:  # check mode: the first notices are rendered (a bad template fails), the rest counted
             notices = _notify(store, row, compromised, sender, template_dir, channel, rate, True, due, None,
                               check_mode, limit=NAMED)
-            notices["notified"] = due
+            notices["notified"] = len(due)
         facts = {"report": summary, "notified": notices["notified"], "notified_owners": notices["owners"],
                  "notify_dry_run": bool(notify and notify_dry_run)}
         sends = notices["notified"] if notify and not notify_dry_run else 0
@@ -119,7 +118,8 @@ def _report(store: Store, cluster_id: int, cluster: str, compromised: list[dict]
 
 
 def _notify(store: Store, row, compromised: list[dict], sender: str, template_dir: str | None, channel,
-            rate: float, dry_run: bool, due: int, progress, check_mode: bool, limit: int | None = None) -> dict:
+            rate: float, dry_run: bool, due: list[tuple[str, str]], progress, check_mode: bool,
+            limit: int | None = None) -> dict:
     """Render the notices due, owner after owner, and (unless `dry_run`) send each over `channel` and record
     it in its own transaction as soon as it was accepted: a run killed in the middle leaves at most the notice
     in flight unrecorded, sent again by the next run."""
@@ -127,21 +127,25 @@ def _notify(store: Store, row, compromised: list[dict], sender: str, template_di
     cluster_view = {"name": row.name, "intranet_url": row.intranet_url, "extranet_url": row.extranet_url}
     render = compromise.NoticeTemplates(template_dir).render
     pace = compromise.Pace(0 if dry_run else rate)
-    counter = compromise.Progress(due if limit is None else min(due, limit), None if check_mode else progress)
+    todo = due if limit is None else due[:limit]
+    counter = compromise.Progress(len(todo), None if check_mode else progress)
     named: list[str] = []
-    after = None
     with store.short_writes(row.name) if not dry_run else nullcontext() as transaction:
         try:
-            while limit is None or counter.done < limit:
-                batch = store.read(partial(clusters.due_notice_items, cluster_id=row.id, after=after,
-                                           owners=OWNERS_PER_BATCH))
-                if not batch:
-                    break
-                after = batch[-1].owner
-                for (owner, key_id), group in groupby(batch, key=lambda r: (r.owner, r.key_id)):
-                    items = [{"content_id": r.content_id, "pl_id": r.pl_id, "published_at": r.created_at.isoformat()}
-                             for r in group]
-                    context = {"owner": owner, "items": items, "cluster": cluster_view, "key": keys[key_id]}
+            for start in range(0, len(todo), OWNERS_PER_BATCH):
+                pairs = todo[start:start + OWNERS_PER_BATCH]
+                wanted = set(pairs)
+                found = store.read(partial(clusters.content_of_owners, cluster_id=row.id,
+                                           owners=sorted({owner for owner, _ in pairs})))
+                items: dict[tuple[str, str], list[dict]] = {pair: [] for pair in pairs}
+                for r in found or []:
+                    if (r.owner, r.key_id) in wanted and r.superseded_by is None:
+                        items[(r.owner, r.key_id)].append({"content_id": r.content_id, "pl_id": r.pl_id,
+                                                           "published_at": r.created_at.isoformat()})
+                for (owner, key_id), pending in items.items():
+                    if not pending:  # republished since the notices due were listed
+                        continue
+                    context = {"owner": owner, "items": pending, "cluster": cluster_view, "key": keys[key_id]}
                     subject, body = render(context)
                     msg = compromise.message(sender, owner, subject, body)
                     if not dry_run:
@@ -151,15 +155,13 @@ def _notify(store: Store, row, compromised: list[dict], sender: str, template_di
                             if clusters.notice_sent(conn, row.id, owner, key_id):  # a concurrent run told them
                                 continue
                             channel.send(msg)
-                            clusters.record_notice(conn, row.id, owner, key_id, len(items), channel.channel,
+                            clusters.record_notice(conn, row.id, owner, key_id, len(pending), channel.channel,
                                                    utcnow())
                     if len(named) < NAMED and owner not in named:
                         named.append(owner)
                     counter.step()
-                    if limit is not None and counter.done >= limit:
-                        break
         finally:
             if channel is not None:
                 channel.close()
     counter.finish()
-    return {"due": due, "notified": counter.done, "owners": named}
+    return {"notified": counter.done, "owners": named}
