@@ -237,7 +237,7 @@ def run(opts) -> int:
                             pg.__enter__()
                         url, password = pg.create_database(f"bench_{size}"), pg.password
                     row = run_size(kind, url, password, size, opts.owners, work, opts.smtp_address,
-                                   size == sizes[-1], opts.notify_rate)
+                                   size == sizes[-1] and not opts.no_notices, opts.notify_rate)
                     row["load_average"] = os.getloadavg()[0]
                     show(row)
                     results.append(row)
@@ -256,6 +256,7 @@ def main() -> None:
     parser.add_argument("--backends", default="sqlite,postgresql")
     parser.add_argument("--smtp-address", default="127.0.13.1")
     parser.add_argument("--notify-rate", type=float, default=0)
+    parser.add_argument("--no-notices", action="store_true", help="measure the report only")
     parser.add_argument("--json")
     parser.add_argument("--child")
     parser.add_argument("--smtp", nargs=2)

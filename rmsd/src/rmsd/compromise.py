@@ -90,23 +90,36 @@ class Rows:
             yield self._counted(entry), lines
 
     def _counted(self, entry: dict) -> dict:
+        self._count(entry["owner"], entry["pending"], entry["republished"])
+        return entry
+
+    def _count(self, owner: str, pending: int, republished: int) -> None:
         self.owner_count += 1
-        self.pending += entry["pending"]
-        self.republished += entry["republished"]
-        if entry["pending"]:
+        self.pending += pending
+        self.republished += republished
+        if pending:
             self.owners_pending += 1
             # among equal counts the owner first in order ranks higher
-            top = (entry["pending"], -self.owner_count, entry["owner"], entry["republished"])
+            top = (pending, -self.owner_count, owner, republished)
             if len(self._top) < TOP_OWNERS:
                 heapq.heappush(self._top, top)
             else:
                 heapq.heappushpop(self._top, top)
-        return entry
 
     def drain(self) -> str:
-        """Read every row only to digest and count them; the hex digest."""
-        for _owner in self.owners():
-            pass
+        """Read every row only to digest and count them (no item is built); the hex digest."""
+        owner, pending, republished = None, 0, 0
+        for fields, _line in self:
+            if fields[0] != owner:
+                if owner is not None:
+                    self._count(owner, pending, republished)
+                owner, pending, republished = fields[0], 0, 0
+            if fields[7]:
+                republished += 1
+            else:
+                pending += 1
+        if owner is not None:
+            self._count(owner, pending, republished)
         return self.digest.hexdigest()
 
     def summary(self, cluster: str, compromised: list[dict]) -> dict:
