@@ -205,8 +205,9 @@ def test_compromise_report_four_runs_notifies_each_owner_once(ansible, cluster, 
         return (report.read_text() if report.exists() else None, len(inbox.messages))
 
     runs = four_runs(ansible, "rmsops.rms.compromise_report", params, observed, diff=True)["runs"]
-    assert runs[1].result["notified"] == ["alice@example.com", "bob@example.com"]
-    assert runs[1].result["report"]["owners"] == [
+    assert runs[1].result["notified"] == 2
+    assert runs[1].result["notified_owners"] == ["alice@example.com", "bob@example.com"]
+    assert runs[1].result["report"]["top_owners"] == [
         {"owner": "alice@example.com", "pending": 2, "republished": 0},
         {"owner": "bob@example.com", "pending": 1, "republished": 0},
     ]

@@ -14,20 +14,26 @@ description:
   - Lists, per content owner, the content published under cluster keys revoked as compromised (see
     M(rmsops.rms.cluster_key)), each item either C(pending) (still to be republished) or C(republished) (its owner
     published it again under the new key, superseding the old publishing license). Use of such content is refused.
-  - Writes the report as JSON (O(json_path)) and CSV (O(csv_path)), mode 0640, when it changed; the report holds no
-    time of its own, so an unchanged report is not rewritten.
+  - Writes the report when it changed, mode 0640, streamed from the configuration database in owner order (memory
+    stays bounded with millions of items) and replaced atomically. With O(json_path) a small summary (counts, the
+    owners with most content pending, the rows' sha256) and beside it C(NAME.owners.jsonl) (for
+    O(json_path=NAME.json)), JSON Lines with one owner a line and that owner's items; with O(csv_path) one line per
+    item. A rerun reads the rows only to compare their digest with the one the summary (or, without O(json_path),
+    C(CSV.sha256) beside the CSV) holds, and rewrites nothing when they match; the report holds no time of its own.
   - With O(notify), every owner with content still pending gets one notice per compromised key, rendered from Jinja2
     templates (built in, or C(owner_notice.subject.j2) and C(owner_notice.txt.j2) in O(template_dir)) and sent
-    over SMTP (O(smtp_host)) or written to O(outbox_dir) as C(.eml) files (0600). A notice is recorded in the
-    configuration database when it went out, so a rerun sends nothing twice and a failed delivery is retried by the
-    next run.
+    over SMTP (O(smtp_host)) or written to O(outbox_dir) as C(.eml) files (0600). All notices go through one SMTP
+    connection (opened again once if the server drops it), at most O(notify_rate) a second. Each notice is recorded
+    in the configuration database as soon as the SMTP server accepted it, so a rerun sends nothing twice, a failed
+    delivery is retried by the next run, and a run killed in the middle sends at most the one notice in flight again.
+  - With O(notify_dry_run), every notice due is rendered and counted, and none is sent or recorded.
   - The module is a thin layer over C(rmsd.admin.ensure_compromise_report); run it where rmsd is importable.
 extends_documentation_fragment:
   - rmsops.rms.attributes
   - rmsops.rms.database
 attributes:
   diff_mode:
-    details: The diff names the files that are rewritten and the owners that are notified.
+    details: The diff names the files that are rewritten, counts the notices and names the first owners notified.
 options:
   cluster:
     description:
@@ -77,6 +83,17 @@ options:
     description:
       - Folder the notices are written to as C(.eml) files, for delivery by other means, instead of SMTP.
     type: path
+  notify_rate:
+    description:
+      - Notices sent a second at most; V(0) sends them as fast as the SMTP server accepts them.
+    type: float
+    default: 0
+  notify_dry_run:
+    description:
+      - Render every notice due (a template that fails for one owner fails the task) and count them, sending and
+        recording none. The report is still written.
+    type: bool
+    default: false
   template_dir:
     description:
       - Folder with C(owner_notice.subject.j2) and/or C(owner_notice.txt.j2) that replace the built-in templates.
@@ -109,11 +126,22 @@ EXAMPLES = r"""
 - name: Show what is still to be republished
   ansible.builtin.debug:
     msg: "{{ compromised.report.pending }} items pending, {{ compromised.report.republished }} republished"
+
+- name: Render every notice without sending any (a rehearsal before a large run)
+  rmsops.rms.compromise_report:
+    cluster: corp
+    database_url: postgresql://rms@db.corp.example.com:5432/drms_config_corp
+    database_password: "{{ vault_rms_database_password }}"
+    notify: true
+    notify_dry_run: true
+    sender: rms-admins@corp.example.com
+    smtp_host: smtp.corp.example.com
+  register: rehearsal
 """
 
 RETURN = r"""
 report:
-  description: The report's summary.
+  description: The report's summary; its size does not grow with the number of items or owners.
   returned: always
   type: dict
   contains:
@@ -130,15 +158,33 @@ report:
     republished:
       description: Content items republished under a new key.
       type: int
-    owners:
-      description: Per owner, C(owner), C(pending) and C(republished).
+    owner_count:
+      description: Owners of content under compromised keys.
+      type: int
+    owners_pending:
+      description: Owners with content still to be republished.
+      type: int
+    top_owners:
+      description: The (at most 10) owners with most content pending, most first, each with C(owner), C(pending)
+        and C(republished). Every owner is in the per-owner file and the CSV.
       type: list
       elements: dict
+    rows_sha256:
+      description: The sha256 of the report's rows, as kept in the summary file.
+      type: str
 notified:
-  description: Owners notified by this task (who would be, in check mode).
+  description: Owner notices sent by this task (that would be, in check mode; rendered, with O(notify_dry_run)).
+  returned: always
+  type: int
+notified_owners:
+  description: The first (at most 10, in owner order) owners counted in RV(notified).
   returned: always
   type: list
   elements: str
+notify_dry_run:
+  description: Whether the notices were only rendered.
+  returned: always
+  type: bool
 """
 
 from ansible_collections.rmsops.rms.plugins.module_utils.rmsd_common import rmsd_module, run_ensure
@@ -158,12 +204,15 @@ def main():
             smtp_username=dict(type="str"),
             smtp_password=dict(type="str", no_log=True),
             outbox_dir=dict(type="path"),
+            notify_rate=dict(type="float", default=0),
+            notify_dry_run=dict(type="bool", default=False),
             template_dir=dict(type="path"),
         ),
         required_if=[("notify", True, ("sender",)), ("notify", True, ("smtp_host", "outbox_dir"), True)],
         mutually_exclusive=[("smtp_host", "outbox_dir")],
     )
-    run_ensure(module, "ensure_compromise_report", "report", "notified", notified=[])
+    run_ensure(module, "ensure_compromise_report", "report", "notified", "notified_owners", "notify_dry_run",
+               notified=0, notified_owners=[], notify_dry_run=False)
 
 
 if __name__ == "__main__":

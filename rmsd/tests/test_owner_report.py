@@ -2,22 +2,30 @@
 delivered to a real SMTP server on 127.0.0.1 (aiosmtpd) or kept in an outbox folder: each owner is told
 once per compromised key, reruns change nothing, and the report follows republishing."""
 
+import asyncio
+import collections
 import csv
 import email
 import email.policy
 import io
 import json
 import os
+import socket
 import stat
+import subprocess
+import sys
 import threading
+from datetime import UTC, datetime, timedelta
 
 import pytest
+import sqlalchemy as sa
 from aiosmtpd.controller import Controller
-from conftest import KEY_PASSWORD, _running_node, free_port, sqlite_database
+from conftest import KEY_PASSWORD, _running_node, free_port, provision, sqlite_database
 
-from rmsd import admin
+from rmsd import admin, clusters, compromise
 from rmsd.client import RmsClient, User, encrypt_content
 from rmsd.errors import RmsdError
+from rmsd.schema import content, owner_notices, utcnow
 
 SENDER = "rms-admins@example.com"
 
@@ -81,19 +89,23 @@ def test_report_lists_what_each_owner_must_republish(compromised, tmp_path):
     assert check.changed and not (tmp_path / "report").exists()
     done = report(compromised, tmp_path)
     assert done.changed and done.facts["report"]["pending"] == 3 and done.facts["report"]["republished"] == 0
-    assert done.facts["report"]["owners"] == [
+    assert done.facts["report"]["top_owners"] == [
         {"owner": "alice@example.com", "pending": 2, "republished": 0},
         {"owner": "carol@example.com", "pending": 1, "republished": 0},
     ]
+    assert done.facts["report"]["owner_count"] == 2
     data = json.loads((tmp_path / "report" / "affected.json").read_text())
     assert [k["id"] for k in data["compromised_keys"]] == [compromised["old_key"]]
-    assert {c["content_id"] for o in data["owners"] for c in o["content"]} == {"plan-a", "plan-b", "budget"}
+    assert data["owners_file"] == "affected.owners.jsonl" and data["rows_sha256"] == done.facts["report"]["rows_sha256"]
+    owners = [json.loads(line) for line in (tmp_path / "report" / "affected.owners.jsonl").read_text().splitlines()]
+    assert [o["owner"] for o in owners] == ["alice@example.com", "carol@example.com"]
+    assert [c["content_id"] for o in owners for c in o["content"]] == ["plan-a", "plan-b", "budget"]
     rows = list(csv.DictReader(io.StringIO((tmp_path / "report" / "affected.csv").read_text())))
     assert sorted((r["owner"], r["content_id"], r["status"]) for r in rows) == [
         ("alice@example.com", "plan-a", "pending"), ("alice@example.com", "plan-b", "pending"),
         ("carol@example.com", "budget", "pending"),
     ]
-    for name in ("affected.json", "affected.csv"):
+    for name in ("affected.json", "affected.owners.jsonl", "affected.csv"):
         assert stat.S_IMODE(os.stat(tmp_path / "report" / name).st_mode) == 0o640
     assert report(compromised, tmp_path).changed is False
 
@@ -114,9 +126,11 @@ def test_each_owner_is_notified_once_over_smtp(compromised, tmp_path, smtp):
     controller, inbox = smtp
     smtp_args = {"notify": True, "sender": SENDER, "smtp_host": "127.0.0.1", "smtp_port": controller.port}
     check = report(compromised, tmp_path, check_mode=True, **smtp_args)
-    assert check.facts["notified"] == ["alice@example.com", "carol@example.com"] and inbox.messages == []
+    assert check.facts["notified"] == 2 and inbox.messages == []
+    assert check.facts["notified_owners"] == ["alice@example.com", "carol@example.com"]
     sent = report(compromised, tmp_path, **smtp_args)
-    assert sent.changed and sent.facts["notified"] == ["alice@example.com", "carol@example.com"]
+    assert sent.changed and sent.facts["notified"] == 2
+    assert sent.facts["notified_owners"] == ["alice@example.com", "carol@example.com"]
     assert sorted(m["To"] for m in inbox.messages) == ["alice@example.com", "carol@example.com"]
     alice = next(m for m in inbox.messages if m["To"] == "alice@example.com")
     assert alice["From"] == SENDER and "2 documents of yours must be republished" in alice["Subject"]
@@ -125,7 +139,7 @@ def test_each_owner_is_notified_once_over_smtp(compromised, tmp_path, smtp):
         assert word in body
     assert "budget" not in body and "fresh" not in body
     again = report(compromised, tmp_path, **smtp_args)
-    assert again.changed is False and again.facts["notified"] == [] and len(inbox.messages) == 2
+    assert again.changed is False and again.facts["notified"] == 0 and len(inbox.messages) == 2
 
 
 def test_notices_render_from_the_operators_templates_into_an_outbox(compromised, tmp_path):
@@ -137,7 +151,7 @@ def test_notices_render_from_the_operators_templates_into_an_outbox(compromised,
     outbox = tmp_path / "outbox"
     done = report(compromised, tmp_path, notify=True, sender=SENDER, outbox_dir=str(outbox),
                   template_dir=str(templates))
-    assert done.facts["notified"] == ["alice@example.com", "carol@example.com"]
+    assert done.facts["notified_owners"] == ["alice@example.com", "carol@example.com"]
     files = sorted(outbox.iterdir())
     assert len(files) == 2 and all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
     messages = {m["To"]: m for m in (email.message_from_string(f.read_text(), policy=email.policy.default)
@@ -160,7 +174,7 @@ def test_failed_delivery_or_bad_template_records_nothing_and_the_next_run_sends(
     assert inbox.messages == []
     sent = report(compromised, tmp_path, notify=True, sender=SENDER, smtp_host="127.0.0.1",
                   smtp_port=controller.port)
-    assert sent.facts["notified"] == ["alice@example.com", "carol@example.com"] and len(inbox.messages) == 2
+    assert sent.facts["notified"] == 2 and len(inbox.messages) == 2
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -172,3 +186,230 @@ def test_bad_report_input_is_refused(compromised, tmp_path, kwargs, message):
     with pytest.raises(RmsdError, match=message):
         report(compromised, tmp_path, **kwargs)
     assert not (tmp_path / "report").exists()
+
+
+# --- at scale: many owners, content seeded straight into the configuration database ---------------------
+
+OWNERS = 40
+
+
+def free_port_on(address: str) -> int:
+    with socket.socket() as s:
+        s.bind((address, 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def seeded(database, tmp_path):
+    """A cluster whose first key was compromised after OWNERS owners published 1 to 7 documents each under it
+    (seeded into its content table); the last document of every fifth owner was republished."""
+    provision(database)
+    engine = database.engine()
+    try:
+        with engine.begin() as conn:
+            row = clusters.get_cluster(conn, "c1")
+            key_id = clusters.active_key_row(conn, row.id).id
+            base = datetime(2026, 1, 1, tzinfo=UTC)
+            rows, n = [], 0
+            for o in range(OWNERS):
+                for d in range(o % 7 + 1):
+                    rows.append({"pl_id": f"{n:040x}", "cluster_id": row.id, "content_id": f"doc-{o:03d}-{d}",
+                                 "owner": f"owner{o:03d}@example.com", "key_id": key_id, "rights": {},
+                                 "created_at": base + timedelta(minutes=n)})
+                    n += 1
+            conn.execute(content.insert(), rows)
+    finally:
+        engine.dispose()
+    admin.ensure_cluster_key(cluster="c1", key_password=KEY_PASSWORD, compromised_keys=[key_id],
+                             **database.admin_args())
+    republish = [f"doc-{o:03d}-{o % 7}" for o in range(0, OWNERS, 5)]
+    mark_republished(database, republish)
+    return {"database": database, "rows": n, "key_id": key_id, "republished": republish}
+
+
+def mark_republished(database, content_ids):
+    engine = database.engine()
+    try:
+        with engine.begin() as conn:
+            conn.execute(content.update().where(content.c.content_id.in_(content_ids)).values(
+                superseded_by=sa.func.substr(content.c.pl_id, 2) + "f", superseded_at=utcnow()))
+    finally:
+        engine.dispose()
+
+
+def scale_report(setup, tmp_path, **kwargs):
+    args = {"cluster": "c1", "json_path": str(tmp_path / "r" / "c1.json"), "csv_path": str(tmp_path / "r" / "c1.csv"),
+            **setup["database"].admin_args(), **kwargs}
+    return admin.ensure_compromise_report(**args)
+
+
+def test_the_report_streams_per_owner_and_a_rerun_compares_the_rows_digest(seeded, tmp_path):
+    folder = tmp_path / "r"
+    assert scale_report(seeded, tmp_path, check_mode=True).changed and not folder.exists()
+    done = scale_report(seeded, tmp_path)
+    summary = done.facts["report"]
+    pending_per_owner = {f"owner{o:03d}@example.com": o % 7 + 1 - (o % 5 == 0) for o in range(OWNERS)}
+    assert summary["owner_count"] == OWNERS and summary["republished"] == len(seeded["republished"])
+    assert summary["pending"] == seeded["rows"] - len(seeded["republished"]) == sum(pending_per_owner.values())
+    # the facts stay small: the top owners by pending, never every owner or item
+    top = sorted(pending_per_owner.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
+    assert [(o["owner"], o["pending"]) for o in summary["top_owners"]] == top
+    assert json.loads((folder / "c1.json").read_text()) == {**summary, "format": 2, "owners_file": "c1.owners.jsonl"}
+    owners = [json.loads(line) for line in (folder / "c1.owners.jsonl").read_text().splitlines()]
+    assert [o["owner"] for o in owners] == sorted(pending_per_owner)
+    assert {o["owner"]: o["pending"] for o in owners} == pending_per_owner
+    assert all(len(o["content"]) == o["pending"] + o["republished"] for o in owners)
+    rows = list(csv.DictReader(io.StringIO((folder / "c1.csv").read_text())))
+    assert len(rows) == seeded["rows"] and [r["owner"] for r in rows] == sorted(r["owner"] for r in rows)
+    assert [r["content_id"] for r in rows] == [c["content_id"] for o in owners for c in o["content"]]
+    assert {r["content_id"] for r in rows if r["status"] == "republished"} == set(seeded["republished"])
+    files = ("c1.json", "c1.owners.jsonl", "c1.csv")
+    assert {stat.S_IMODE(os.stat(folder / f).st_mode) for f in files} == {0o640}
+
+    # A rerun that changes nothing reads the rows only to digest them: no file is rewritten.
+    inodes = {f: os.stat(folder / f).st_ino for f in files}
+    rerun = scale_report(seeded, tmp_path)
+    assert not rerun.changed and rerun.facts["report"] == summary
+    assert not scale_report(seeded, tmp_path, check_mode=True).changed
+    assert {f: os.stat(folder / f).st_ino for f in files} == inodes
+    # A file gone or with another mode: rewritten, all of them at once.
+    os.chmod(folder / "c1.owners.jsonl", 0o644)
+    assert scale_report(seeded, tmp_path).changed and stat.S_IMODE(os.stat(folder / "c1.owners.jsonl").st_mode) == 0o640
+    (folder / "c1.csv").unlink()
+    assert scale_report(seeded, tmp_path).changed and (folder / "c1.csv").exists()
+    # An owner republishes: the digest changes, and the report with it.
+    mark_republished(seeded["database"], ["doc-001-1"])
+    progressed = scale_report(seeded, tmp_path)
+    assert progressed.changed and progressed.facts["report"]["rows_sha256"] != summary["rows_sha256"]
+    assert progressed.facts["report"]["pending"] == summary["pending"] - 1
+    assert sorted(p.name for p in folder.iterdir()) == sorted(files)  # no temporary file left behind
+
+    # The CSV alone keeps its digest beside it.
+    alone = scale_report(seeded, tmp_path, json_path=None, csv_path=str(tmp_path / "csv" / "c1.csv"))
+    assert alone.changed and (tmp_path / "csv" / "c1.csv.sha256").read_text().strip() == (
+        progressed.facts["report"]["rows_sha256"])
+    assert not scale_report(seeded, tmp_path, json_path=None, csv_path=str(tmp_path / "csv" / "c1.csv")).changed
+
+
+class Counting(Inbox):
+    """An inbox that also tells apart the connections messages came over, and can refuse one message with
+    421 (the server closing the connection) or hold one until released."""
+
+    def __init__(self, refuse_at: int | None = None, hold_at: int | None = None):
+        super().__init__()
+        self.peers: set = set()
+        self.refuse_at, self.hold_at = refuse_at, hold_at
+        self.seen = 0
+        self.reached, self.release = threading.Event(), threading.Event()
+
+    async def handle_DATA(self, server, session, envelope):  # noqa: N802 - aiosmtpd's hook name
+        self.seen += 1
+        if self.seen == self.refuse_at:
+            return "421 closing the connection"
+        self.peers.add(session.peer)
+        reply = await super().handle_DATA(server, session, envelope)
+        if len(self.messages) == self.hold_at:
+            self.reached.set()
+            await asyncio.get_running_loop().run_in_executor(None, self.release.wait, 60)
+        return reply
+
+
+@pytest.fixture
+def counting_smtp(request):
+    inbox = Counting(**getattr(request, "param", {}))
+    controller = Controller(inbox, hostname="127.0.13.1", port=free_port_on("127.0.13.1"))
+    controller.start()
+    try:
+        yield controller, inbox
+    finally:
+        inbox.release.set()
+        controller.stop()
+
+
+def owners_told(database) -> dict[str, int]:
+    engine = database.engine()
+    try:
+        with engine.connect() as conn:
+            return {o: 1 for (o,) in conn.execute(sa.select(owner_notices.c.owner))}
+    finally:
+        engine.dispose()
+
+
+PENDING_OWNERS = [f"owner{o:03d}@example.com" for o in range(OWNERS) if o % 7 + 1 - (o % 5 == 0) > 0]
+
+
+@pytest.mark.parametrize("counting_smtp", [{"refuse_at": 3}], indirect=True)
+def test_notices_go_over_one_connection_with_a_dry_run_first(seeded, tmp_path, counting_smtp):
+    controller, inbox = counting_smtp
+    smtp = {"notify": True, "sender": SENDER, "smtp_host": "127.0.13.1", "smtp_port": controller.port}
+    dry = scale_report(seeded, tmp_path, notify_dry_run=True, **smtp)
+    assert dry.facts["notified"] == len(PENDING_OWNERS) and dry.facts["notify_dry_run"]
+    assert inbox.seen == 0 and owners_told(seeded["database"]) == {}
+    assert not scale_report(seeded, tmp_path, notify_dry_run=True, **smtp).changed  # report written, nothing sent
+
+    states = []
+    sent = scale_report(seeded, tmp_path, progress=states.append, **smtp)
+    assert sent.changed and sent.facts["notified"] == len(PENDING_OWNERS)
+    assert sent.facts["notified_owners"] == PENDING_OWNERS[:10]
+    assert sorted(m["To"] for m in inbox.messages) == PENDING_OWNERS  # each once, the refused one sent again
+    assert len(inbox.peers) == 2  # one connection, opened again once after the server closed it
+    assert states[-1]["done"] == states[-1]["due"] == len(PENDING_OWNERS)
+    owner1 = next(m for m in inbox.messages if m["To"] == "owner001@example.com").get_content()
+    assert "doc-001-0" in owner1 and "doc-001-1" in owner1 and "doc-002" not in owner1
+    assert scale_report(seeded, tmp_path, **smtp).facts["notified"] == 0
+
+
+def test_notices_keep_to_the_rate():
+    clock = [0.0]
+    slept = []
+
+    def sleep(seconds):
+        slept.append(seconds)
+        clock[0] += seconds
+
+    pace = compromise.Pace(4, clock=lambda: clock[0], sleep=sleep)
+    for _ in range(5):
+        pace.wait()
+        clock[0] += 0.05  # each notice takes 50 ms
+    assert clock[0] == pytest.approx(4 * 0.25 + 0.05) and len(slept) == 4
+    unlimited = compromise.Pace(0, clock=lambda: 0.0, sleep=sleep)
+    unlimited.wait()
+    assert len(slept) == 4
+
+
+CHILD = """
+import json, sys
+from rmsd import admin
+admin.ensure_compromise_report(**json.loads(sys.argv[1]))
+"""
+
+
+@pytest.mark.parametrize("counting_smtp", [{"hold_at": 7}], indirect=True)
+def test_a_run_killed_while_notifying_then_rerun_tells_every_owner_at_most_one_duplicate_per_kill(
+        seeded, tmp_path, counting_smtp):
+    controller, inbox = counting_smtp
+    args = {"cluster": "c1", **seeded["database"].admin_args(), "notify": True, "sender": SENDER,
+            "smtp_host": "127.0.13.1", "smtp_port": controller.port}
+    # First kill: the 7th notice was accepted by the server, and the run killed before it heard so.
+    first = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)])
+    try:
+        assert inbox.reached.wait(60)
+        first.kill()
+        first.wait(30)
+    finally:
+        inbox.release.set()
+    held = inbox.messages[6]["To"]
+    # Second kill: at whatever point the run is once the server has 20 messages.
+    inbox.hold_at, inbox.reached = 20, threading.Event()
+    inbox.release = threading.Event()
+    inbox.release.set()  # no holding this time
+    second = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)])
+    assert inbox.reached.wait(60)
+    second.kill()
+    second.wait(30)
+    assert scale_report(seeded, tmp_path, **{k: v for k, v in args.items() if k not in ("cluster",)}).changed
+    received = collections.Counter(m["To"] for m in inbox.messages)
+    assert sorted(received) == PENDING_OWNERS  # every owner told
+    twice = [owner for owner, n in received.items() if n > 1]
+    assert held in twice and len(twice) <= 2 and max(received.values()) == 2  # at most one more per kill
+    assert sorted(owners_told(seeded["database"])) == PENDING_OWNERS

@@ -4,6 +4,7 @@ Every function takes a connection inside the caller's transaction."""
 import hashlib
 import hmac
 import os
+from collections.abc import Iterator
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -477,29 +478,72 @@ def insert_content(conn: sa.Connection, cluster_id: int, item: dict) -> None:
 # --- content under compromised keys, and the notices to its owners -------------------------------------
 
 
-def affected_content(conn: sa.Connection, cluster_id: int) -> list[dict]:
-    """Every content item published under a compromised key of the cluster: `pending` until its owner
-    republished it (a new publishing license superseding the old one), then `republished`."""
+def _compromised_key_ids(cluster_id: int):
+    return sa.select(cluster_keys.c.id).where(cluster_keys.c.cluster_id == cluster_id,
+                                              cluster_keys.c.status == "compromised")
+
+
+def _iso_text(conn: sa.Connection, column) -> sa.ColumnElement:
+    """A timestamp column as ISO 8601 text in UTC with microseconds (2026-01-31T09:30:00.000000+00:00),
+    formatted by the database: millions of rows are not turned into datetimes and back one by one."""
+    if conn.dialect.name == "sqlite":  # stored as 'YYYY-MM-DD HH:MM:SS.ffffff' in UTC
+        return sa.func.replace(sa.type_coerce(column, sa.String), " ", "T").concat("+00:00")
+    return sa.func.to_char(sa.func.timezone("UTC", column), 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')
+
+
+def affected_rows(conn: sa.Connection, cluster_id: int, batch: int = 5000) -> Iterator[sa.Row]:
+    """Every content item published under a compromised key of the cluster, in owner order, streamed
+    `batch` rows at a time (a server-side cursor on PostgreSQL): rows of (owner, content_id, pl_id, key_id,
+    published_at, republished_as, republished_at), the times as ISO 8601 text; `republished_as` set: its
+    owner republished it."""
     query = (
-        sa.select(content, cluster_keys.c.status_changed_at.label("key_compromised_at"))
-        .join(cluster_keys, cluster_keys.c.id == content.c.key_id)
-        .where(content.c.cluster_id == cluster_id, cluster_keys.c.status == "compromised")
-        .order_by(content.c.owner, content.c.content_id, content.c.created_at)
+        sa.select(content.c.owner, content.c.content_id, content.c.pl_id, content.c.key_id,
+                  _iso_text(conn, content.c.created_at), content.c.superseded_by,
+                  _iso_text(conn, content.c.superseded_at))
+        .where(content.c.cluster_id == cluster_id, content.c.key_id.in_(_compromised_key_ids(cluster_id)))
+        .order_by(content.c.owner, content.c.content_id, content.c.created_at, content.c.pl_id)
     )
-    return [
-        {
-            "owner": r.owner, "content_id": r.content_id, "pl_id": r.pl_id, "key_id": r.key_id,
-            "key_compromised_at": r.key_compromised_at.isoformat(), "published_at": r.created_at.isoformat(),
-            "status": "republished" if r.superseded_by else "pending", "republished_as": r.superseded_by,
-            "republished_at": r.superseded_at.isoformat() if r.superseded_at else None,
-        }
-        for r in conn.execute(query)
-    ]
+    result = conn.execution_options(yield_per=batch).execute(query)
+    try:
+        yield from result
+    finally:
+        result.close()
 
 
-def notices_sent(conn: sa.Connection, cluster_id: int) -> set[tuple[str, str]]:
-    query = sa.select(owner_notices.c.owner, owner_notices.c.key_id).where(owner_notices.c.cluster_id == cluster_id)
-    return {(owner, key_id) for owner, key_id in conn.execute(query)}
+def _due(cluster_id: int):
+    """Pending content under a compromised key whose owner was not told about that key yet."""
+    told = sa.select(owner_notices.c.id).where(
+        owner_notices.c.cluster_id == cluster_id, owner_notices.c.owner == content.c.owner,
+        owner_notices.c.key_id == content.c.key_id,
+    )
+    return (content.c.cluster_id == cluster_id, content.c.superseded_by.is_(None),
+            content.c.key_id.in_(_compromised_key_ids(cluster_id)), ~sa.exists(told))
+
+
+def due_notices(conn: sa.Connection, cluster_id: int) -> list[tuple[str, str]]:
+    """(owner, compromised key id) of every notice still due, in owner order: one row per owner and key,
+    however many items they hold."""
+    query = (sa.select(content.c.owner, content.c.key_id).where(*_due(cluster_id)).distinct()
+             .order_by(content.c.owner, content.c.key_id))
+    return [(owner, key_id) for owner, key_id in conn.execute(query)]
+
+
+def content_of_owners(conn: sa.Connection, cluster_id: int, owners: list[str]) -> list[sa.Row]:
+    """Every content item of these owners (through the owner index, whichever key it is under): rows of
+    (owner, key_id, content_id, pl_id, created_at, superseded_by), in owner order."""
+    query = (
+        sa.select(content.c.owner, content.c.key_id, content.c.content_id, content.c.pl_id, content.c.created_at,
+                  content.c.superseded_by)
+        .where(content.c.cluster_id == cluster_id, content.c.owner.in_(owners))
+        .order_by(content.c.owner, content.c.key_id, content.c.content_id, content.c.created_at, content.c.pl_id)
+    )
+    return list(conn.execute(query))
+
+
+def notice_sent(conn: sa.Connection, cluster_id: int, owner: str, key_id: str) -> bool:
+    query = sa.select(owner_notices.c.id).where(owner_notices.c.cluster_id == cluster_id,
+                                                owner_notices.c.owner == owner, owner_notices.c.key_id == key_id)
+    return conn.execute(query).first() is not None
 
 
 def record_notice(conn, cluster_id: int, owner: str, key_id: str, items: int, channel: str, now) -> None:

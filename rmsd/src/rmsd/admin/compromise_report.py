@@ -1,77 +1,167 @@
-"""Content under compromised keys: the per-owner report, and one notice per owner and compromised key."""
+"""Content under compromised keys: the per-owner report, and one notice per owner and compromised key.
 
+Sized for millions of documents: the report is streamed from one ordered query into its files (memory
+bounded whatever the row count) and a rerun compares a digest of the rows instead of rendering the report;
+the notices go out over one SMTP connection, each recorded as soon as the server accepted it."""
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from functools import partial
 from typing import Any
 
 from rmsd import clusters, compromise
 from rmsd.admin.common import Result, check_absolute, check_name, file_mode
-from rmsd.admin.store import opened
-from rmsd.config import read_text_or_none, write_atomic
+from rmsd.admin.store import Store, opened
 from rmsd.errors import RmsdError
 from rmsd.schema import utcnow
+
+REPORT_MODE = 0o640
+OWNERS_PER_BATCH = 200  # owners whose pending items are read at once while notifying
+NAMED = 10  # owners named in the returned facts and the diff; the counts cover them all
 
 
 def ensure_compromise_report(
     *, cluster, database_url, database_password=None, json_path=None, csv_path=None, notify=False,
     sender=None, outbox_dir=None, smtp_host=None, smtp_port=25, smtp_starttls=False, smtp_username=None,
-    smtp_password=None, template_dir=None, check_mode=False,
+    smtp_password=None, template_dir=None, notify_rate=0, notify_dry_run=False,
+    progress: Callable[[dict], None] | None = None, check_mode=False,
 ) -> Result:
-    """The per-owner report of content under compromised keys, written to `json_path` / `csv_path`
-    when it changed; with `notify`, every owner with content still to republish is sent one notice per
-    compromised key (over SMTP at `smtp_host`, or into `outbox_dir`), never twice."""
+    """The per-owner report of content under compromised keys, written when it changed: with `json_path` a
+    summary (JSON) and the per-owner file beside it (JSON Lines, one owner a line), with `csv_path` one line
+    per item. With `notify`, every owner with content still to republish is sent one notice per compromised
+    key (over SMTP at `smtp_host`, or into `outbox_dir`), at most `notify_rate` a second, never twice;
+    `notify_dry_run` renders every notice due and sends nothing. `progress` receives the notices' progress."""
     check_name("cluster", cluster)
     for what, value in (("json_path", json_path), ("csv_path", csv_path), ("outbox_dir", outbox_dir),
                         ("template_dir", template_dir)):
         check_absolute(what, value, required=False)
-    smtp = None
+    if json_path and csv_path and json_path in (csv_path, compromise.owners_path(json_path)):
+        raise RmsdError("json_path and csv_path must name different files")
+    try:
+        rate = float(notify_rate or 0)
+    except (TypeError, ValueError):
+        rate = -1.0
+    if rate < 0:
+        raise RmsdError(f"notify_rate must be a number of notices a second, 0 for no limit, not {notify_rate!r}")
+    channel: compromise.Outbox | compromise.SmtpConnection | None = None
     if notify:
         if not sender or "@" not in sender:
             raise RmsdError("notify needs sender, the address the notices come from (e.g. rms-admins@example.com)")
         if bool(smtp_host) == bool(outbox_dir):
             raise RmsdError("notify needs exactly one of smtp_host (send the notices) or outbox_dir (keep them there)")
-        if smtp_host:
-            smtp = compromise.Smtp(smtp_host, int(smtp_port), bool(smtp_starttls), smtp_username, smtp_password)
+        channel = (compromise.SmtpConnection(compromise.Smtp(smtp_host, int(smtp_port), bool(smtp_starttls),
+                                                             smtp_username, smtp_password))
+                   if smtp_host else compromise.Outbox(outbox_dir))
     with opened(database_url, database_password) as store:
         def current(conn):
             row = clusters.get_cluster(conn, cluster)
             if row is None:
                 return None
             keys = [k for k in clusters.keys_of(conn, row.id) if k.status == "compromised"]
-            return row, keys, clusters.affected_content(conn, row.id), clusters.notices_sent(conn, row.id)
+            return row, keys, (clusters.due_notices(conn, row.id) if notify else [])
 
         found = store.read(current)
         if found is None:
             raise store.missing(cluster)
-        row, keys, items, sent = found
+        row, keys, due = found  # the notices due: (owner, key id), memory in proportion to owners, not items
         compromised = [{"id": k.id, "compromised_at": k.status_changed_at.isoformat()} for k in keys]
-        data = compromise.report(cluster, compromised, items)
-        files = {p: text for p, text in ((json_path, compromise.render_json(data)),
-                                         (csv_path, compromise.render_csv(items))) if p}
-        stale = [p for p, text in files.items() if read_text_or_none(p) != text or file_mode(p) != 0o640]
-        due = compromise.due_notices(items, sent) if notify else {}
-        notices = []
-        for (owner, key_id), pending in sorted(due.items()):
-            context = {
-                "owner": owner, "items": pending,
-                "cluster": {"name": row.name, "intranet_url": row.intranet_url, "extranet_url": row.extranet_url},
-                "key": next(k for k in compromised if k["id"] == key_id),
-            }
-            subject, body = compromise.render_notice(template_dir, context)  # a bad template fails before sending
-            notices.append((owner, key_id, len(pending), compromise.message(sender, owner, subject, body)))
-        summary = {k: data[k] for k in ("cluster", "compromised_keys", "pending", "republished")}
-        summary["owners"] = [{k: o[k] for k in ("owner", "pending", "republished")} for o in data["owners"]]
-        facts = {"report": summary, "notified": [n[0] for n in notices]}
-        if not stale and not notices:
+        summary, stale = _report(store, row.id, cluster, compromised, json_path, csv_path, check_mode)
+        notices = {"notified": 0, "owners": []}
+        if notify and due and (not check_mode or notify_dry_run):
+            notices = _notify(store, row, compromised, sender, template_dir, channel, rate, notify_dry_run, due,
+                              progress, check_mode)
+        elif notify and due:  # check mode: the first notices are rendered (a bad template fails), the rest counted
+            notices = _notify(store, row, compromised, sender, template_dir, channel, rate, True, due, None,
+                              check_mode, limit=NAMED)
+            notices["notified"] = len(due)
+        facts = {"report": summary, "notified": notices["notified"], "notified_owners": notices["owners"],
+                 "notify_dry_run": bool(notify and notify_dry_run)}
+        sends = notices["notified"] if notify and not notify_dry_run else 0
+        if not stale and not sends:
             return Result(changed=False, facts=facts)
-        diff: dict[str, dict[str, Any]] = {"before": {"files": {}, "notices": []}, "after": {
-            "files": {p: "(rewritten)" for p in stale}, "notices": [f"{n[0]} (key {n[1]})" for n in notices],
+        diff: dict[str, dict[str, Any]] = {"before": {"files": {}, "notices": 0}, "after": {
+            "files": {p: "(rewritten)" for p in stale}, "notices": sends,
+            "owners_notified": notices["owners"] if sends else [],
         }}
-        if not check_mode:
-            for p in stale:
-                write_atomic(p, files[p], 0o640)
-            for owner, key_id, count, msg in notices:
-                # Recorded in the same transaction as the sending: a notice that did not go out is not
-                # recorded and goes out on the next run.
-                with store.writing(cluster) as conn:
-                    channel = compromise.deliver(msg, smtp, outbox_dir)
-                    clusters.record_notice(conn, row.id, owner, key_id, count, channel, utcnow())
         return Result(changed=True, diff=diff, facts=facts)
+
+
+def _report(store: Store, cluster_id: int, cluster: str, compromised: list[dict], json_path: str | None,
+            csv_path: str | None, check_mode: bool) -> tuple[dict, list[str]]:
+    """(summary, files rewritten): the rows are read once when the report is new or written without a
+    digest; when the files are there, first only to digest them, and a second time to write them if changed."""
+    files = compromise.report_files(json_path, csv_path)
+
+    def rows(conn) -> compromise.Rows:
+        return compromise.Rows(cluster, compromised, clusters.affected_rows(conn, cluster_id))
+
+    def counted(conn) -> dict:
+        found = rows(conn)
+        found.drain()
+        return found.summary(cluster, compromised)
+
+    stored = compromise.stored_digest(json_path, csv_path) if files else None
+    if not files or (stored is not None and all(file_mode(p) == REPORT_MODE for p in files)) or check_mode:
+        summary = store.read(counted)
+        assert summary is not None
+        if not files or (summary["rows_sha256"] == stored and all(file_mode(p) == REPORT_MODE for p in files)):
+            return summary, []
+        if check_mode:
+            return summary, files
+
+    def written(conn) -> dict:
+        return compromise.write_report(rows(conn), cluster, compromised, json_path, csv_path, REPORT_MODE)
+
+    summary = store.read(written)
+    assert summary is not None
+    return summary, files
+
+
+def _notify(store: Store, row, compromised: list[dict], sender: str, template_dir: str | None, channel,
+            rate: float, dry_run: bool, due: list[tuple[str, str]], progress, check_mode: bool,
+            limit: int | None = None) -> dict:
+    """Render the notices due, owner after owner, and (unless `dry_run`) send each over `channel` and record
+    it in its own transaction as soon as it was accepted: a run killed in the middle leaves at most the notice
+    in flight unrecorded, sent again by the next run."""
+    keys = {k["id"]: k for k in compromised}
+    cluster_view = {"name": row.name, "intranet_url": row.intranet_url, "extranet_url": row.extranet_url}
+    render = compromise.NoticeTemplates(template_dir).render
+    pace = compromise.Pace(0 if dry_run else rate)
+    todo = due if limit is None else due[:limit]
+    counter = compromise.Progress(len(todo), None if check_mode else progress)
+    named: list[str] = []
+    with store.short_writes(row.name) if not dry_run else nullcontext() as transaction:
+        try:
+            for start in range(0, len(todo), OWNERS_PER_BATCH):
+                pairs = todo[start:start + OWNERS_PER_BATCH]
+                wanted = set(pairs)
+                found = store.read(partial(clusters.content_of_owners, cluster_id=row.id,
+                                           owners=sorted({owner for owner, _ in pairs})))
+                items: dict[tuple[str, str], list[dict]] = {pair: [] for pair in pairs}
+                for r in found or []:
+                    if (r.owner, r.key_id) in wanted and r.superseded_by is None:
+                        items[(r.owner, r.key_id)].append({"content_id": r.content_id, "pl_id": r.pl_id,
+                                                           "published_at": r.created_at.isoformat()})
+                for (owner, key_id), pending in items.items():
+                    if not pending:  # republished since the notices due were listed
+                        continue
+                    context = {"owner": owner, "items": pending, "cluster": cluster_view, "key": keys[key_id]}
+                    subject, body = render(context)
+                    msg = compromise.message(sender, owner, subject, body)
+                    if not dry_run:
+                        pace.wait()
+                        assert transaction is not None and channel is not None
+                        with transaction() as conn:
+                            if clusters.notice_sent(conn, row.id, owner, key_id):  # a concurrent run told them
+                                continue
+                            channel.send(msg)
+                            clusters.record_notice(conn, row.id, owner, key_id, len(pending), channel.channel,
+                                                   utcnow())
+                    if len(named) < NAMED and owner not in named:
+                        named.append(owner)
+                    counter.step()
+        finally:
+            if channel is not None:
+                channel.close()
+    counter.finish()
+    return {"notified": counter.done, "owners": named}

@@ -3,7 +3,7 @@
 the schema brought up to date, and one error for a cluster that is not there."""
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import TypeVar
 
 import sqlalchemy as sa
@@ -50,6 +50,24 @@ class Store:
                 db.lock(conn, cluster)
                 db.migrate(conn)
                 yield conn
+        except sa.exc.OperationalError as err:
+            raise db.connect_error(err, self.url) from None
+
+    @contextmanager
+    def short_writes(self, cluster: str) -> Iterator[Callable[[], AbstractContextManager[sa.Connection]]]:
+        """One connection for many short write transactions on `cluster`, each locked against concurrent
+        runs (the schema is brought up to date once): yields a function that opens the next one."""
+        with self.writing(cluster):
+            pass
+        try:
+            with self.engine.connect() as conn:
+                @contextmanager
+                def transaction() -> Iterator[sa.Connection]:
+                    with conn.begin():
+                        db.lock(conn, cluster)
+                        yield conn
+
+                yield transaction
         except sa.exc.OperationalError as err:
             raise db.connect_error(err, self.url) from None
 
