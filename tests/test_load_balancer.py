@@ -361,11 +361,12 @@ def test_rerun_and_check_change_nothing(deployment):
         assert counts["lb1"]["changed"] == 0, output
     assert dep.master("lb1") == before, "HAProxy was restarted or reloaded"
 
-    # A check run with --diff shows a new member and changes nothing.
+    # A check run with --diff shows a new member, and the reload a real run makes for it, and changes nothing.
     extra = {"load_balancer_members": [
         {"name": n, "address": NODES[n], "port": dep.node_ports[n]} for n in ("node1", "node2", "node3")]}
     output, counts = dep.balance("--limit", "lb1", "--check", "--diff", extra=extra)
-    assert counts["lb1"]["changed"] == 1, output
+    assert counts["lb1"]["changed"] == 2, output
+    assert re.search(r"Reload the HAProxy master-worker daemon\][^\n]*\nchanged: \[lb1\]", output), output
     assert f"+    server node3 127.0.2.3:{dep.node_ports['node3']}" in output
     assert (dep.lb_dir("lb1") / "haproxy.cfg").read_text() == config
     assert dep.master("lb1") == before
