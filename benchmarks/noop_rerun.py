@@ -38,6 +38,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from processes import stop_group
+
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = REPO / ".venv" / "bin"
 COLLECTIONS = REPO / "build" / "collections"
@@ -151,7 +153,7 @@ def run_playbook(playbook: Path, inventory: Path, log: Path, env: dict, drift: P
         try:
             rc = process.wait()
         except BaseException:
-            stop_process_group(process)
+            stop_group(process)
             raise
         seconds = time.perf_counter() - started
     if rc != 0:
@@ -160,16 +162,6 @@ def run_playbook(playbook: Path, inventory: Path, log: Path, env: dict, drift: P
     return seconds
 
 
-def stop_process_group(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 # Actions Ansible carries out on the controller without running a module on the host.

@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.x509.oid import NameOID
 from jwcrypto import jwe, jwk, jws
+from processes import stop_group
 from rmsd.client import RmsClient, User, encrypt_content
 
 from rmsd import admin, demo_issuer
@@ -86,15 +87,7 @@ class Processes:
 
     @staticmethod
     def stop(process: subprocess.Popen) -> None:
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        stop_group(process)
 
     def stop_all(self) -> None:
         for process in reversed(self.running):
