@@ -88,12 +88,13 @@ pytest: venv collection
 	$(BIN)/pytest $(PYTEST_ARGS) tests
 
 # Two lanes side by side (much of a scenario's time is waiting), about as long as each other:
-# cluster, key_rotation and default one after the other; backup_restore, hsm and hosts (podman
-# containers reached over SSH) beside them. cluster, key_rotation and hsm share rmsd's virtualenv
-# under build/: cluster installs it first, and hsm starts minutes later, when the install is a check
-# that changes nothing. Every scenario installs from the same wheelhouse, built once in the
-# controller's cache. Each scenario's output is kept in build/molecule-logs/ and printed whole when it ends.
-MOLECULE_LANES := cluster,key_rotation,default backup_restore,hsm,hosts
+# cluster, hsm, key_rotation and backup_restore one after the other; hosts (podman containers
+# reached over SSH) and default beside them. cluster, hsm and key_rotation share rmsd's virtualenv
+# under build/: cluster installs it first, the others find it installed and change nothing. Every
+# scenario installs from the same wheelhouse, built once in the controller's cache. Scenarios that may
+# run at the same time use addresses of their own. Each scenario's output is kept in
+# build/molecule-logs/ and printed whole when it ends.
+MOLECULE_LANES := cluster,hsm,key_rotation,backup_restore hosts,default
 MOLECULE_LOGS := $(BUILD)/molecule-logs
 
 molecule: venv collection
