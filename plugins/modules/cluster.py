@@ -105,6 +105,14 @@ options:
       - With O(state=present), bring a decommissioned cluster back into service.
     type: bool
     default: false
+  root_key_replaced:
+    description:
+      - Check mode only, for a licensing cluster. Set it when an earlier task of the same run replaces the root
+        cluster's active key (M(rmsops.rms.cluster_key) reports it in RV(rmsops.rms.cluster_key#module:rotation)):
+        the check run then reports the re-enrollment the real run makes, although the root cluster still shows its
+        current key. A real run ignores it and reads the root cluster's SLC.
+    type: bool
+    default: false
 seealso:
   - module: rmsops.rms.server
   - module: rmsops.rms.cluster_info
@@ -235,6 +243,7 @@ def main():
             extranet_url=dict(type="str"),
             state=dict(type="str", choices=["present", "decommissioned", "absent"], default="present"),
             force=dict(type="bool", default=False),
+            root_key_replaced=dict(type="bool", default=False),
             **pkcs11_argument_spec(),
             **enrollment_argument_spec(),
         ),

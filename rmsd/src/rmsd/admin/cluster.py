@@ -32,8 +32,12 @@ IMMUTABLE = {
 def ensure_cluster(
     *, name, database_url, database_password=None, role="root", key_protection="password", key_password=None,
     previous_key_password=None, key_size=2048, intranet_url=None, extranet_url=None, enrollment_url=None,
-    enrollment_credential=None, enrollment_ca_path=None, pkcs11=None, state="present", force=False, check_mode=False,
+    enrollment_credential=None, enrollment_ca_path=None, pkcs11=None, state="present", force=False,
+    root_key_replaced=False, check_mode=False,
 ) -> Result:
+    """`root_key_replaced` (check mode, licensing clusters): an earlier step of the same run replaces the root
+    cluster's active key, so the re-enrollment a real run then makes is reported although the root cluster
+    still shows its current key. A real run ignores it: the root cluster's SLC tells."""
     check_name("cluster name", name)
     check_state(state, STATES)
     with opened(database_url, database_password) as store:
@@ -69,7 +73,8 @@ def ensure_cluster(
             if key_protection == "password":  # a new cluster's password meets the policy
                 passwords.check("key_password", key_password)
             return _provision(store, wanted, unlock.provider(key_protection), enrollment, check_mode)
-        return _update_cluster(store, existing, wanted, unlock, enrollment, force, check_mode)
+        return _update_cluster(store, existing, wanted, unlock, enrollment, force, check_mode,
+                               root_key_replaced=bool(root_key_replaced))
 
 
 def _existing_cluster(conn, name, unlock: Unlock):
@@ -125,7 +130,7 @@ def _provision(store: Store, wanted, provider, enrollment: Enrollment, check_mod
 
 
 def _update_cluster(store: Store, current, wanted, unlock: Unlock, enrollment: Enrollment, force,
-                    check_mode) -> Result:
+                    check_mode, root_key_replaced=False) -> Result:
     name = current["name"]
     for option, how in IMMUTABLE.items():
         if current[option] != wanted[option]:
@@ -149,6 +154,8 @@ def _update_cluster(store: Store, current, wanted, unlock: Unlock, enrollment: E
         if current["slc_issuer_key_id"] != root.key_id:
             # The root cluster has a new key: a licensing cluster re-enrolls its own (unchanged) key.
             changes["slc_issuer_key_id"] = root.key_id
+        elif check_mode and root_key_replaced:
+            changes["slc_issuer_key_id"] = "(the root cluster's new key)"
         if set(trusted) & set(root.revoked_key_ids):
             # The root cluster revoked keys as compromised: stop trusting their SLCs (and RACs).
             changes["untrusted_root_key_ids"] = sorted(set(untrusted) | (set(trusted) & set(root.revoked_key_ids)))
