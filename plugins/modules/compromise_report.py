@@ -94,6 +94,15 @@ options:
         recording none. The report is still written.
     type: bool
     default: false
+  expected_compromised_keys:
+    description:
+      - Check mode only. Ids of keys an earlier task of the same run declares compromised
+        (M(rmsops.rms.cluster_key)'s O(rmsops.rms.cluster_key#module:compromised_keys)): the check run's report and
+        notices then cover them as the real run's will. A real run reads the keys' status from the configuration
+        database and ignores it.
+    type: list
+    elements: str
+    default: []
   template_dir:
     description:
       - Folder with C(owner_notice.subject.j2) and/or C(owner_notice.txt.j2) that replace the built-in templates.
@@ -206,6 +215,7 @@ def main():
             outbox_dir=dict(type="path"),
             notify_rate=dict(type="float", default=0),
             notify_dry_run=dict(type="bool", default=False),
+            expected_compromised_keys=dict(type="list", elements="str", default=[]),
             template_dir=dict(type="path"),
         ),
         required_if=[("notify", True, ("sender",)), ("notify", True, ("smtp_host", "outbox_dir"), True)],

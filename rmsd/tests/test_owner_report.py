@@ -142,6 +142,34 @@ def test_each_owner_is_notified_once_over_smtp(compromised, tmp_path, smtp):
     assert again.changed is False and again.facts["notified"] == 0 and len(inbox.messages) == 2
 
 
+def test_check_mode_foresees_the_report_and_notices_of_a_key_about_to_be_declared_compromised(
+        compromised, tmp_path, smtp):
+    controller, inbox = smtp
+    smtp_args = {"notify": True, "sender": SENDER, "smtp_host": "127.0.0.1", "smtp_port": controller.port}
+    assert report(compromised, tmp_path, **smtp_args).changed
+    files = {p.name: p.read_bytes() for p in (tmp_path / "report").iterdir()}
+    told = len(inbox.messages)
+    active = compromised["client"].slc()["key_id"]  # dave's "fresh" is under it
+
+    # A real run reads the keys' status: a key only expected changes nothing.
+    real = report(compromised, tmp_path, expected_compromised_keys=[active], **smtp_args)
+    assert real.changed is False and real.facts["report"]["pending"] == 3
+
+    check = report(compromised, tmp_path, check_mode=True, expected_compromised_keys=[active], **smtp_args)
+    assert check.changed and check.facts["report"]["pending"] == 4
+    assert check.facts["notified"] == 1 and check.facts["notified_owners"] == ["dave@example.com"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "report").iterdir()} == files and len(inbox.messages) == told
+
+    admin.ensure_cluster_key(cluster="c1", key_password=KEY_PASSWORD, compromised_keys=[compromised["old_key"], active],
+                             **compromised["node"].database.admin_args())
+    done = report(compromised, tmp_path, **smtp_args)
+    assert done.changed and done.facts["report"]["pending"] == 4
+    assert done.facts["notified"] == 1 and done.facts["notified_owners"] == ["dave@example.com"]
+    assert [m["To"] for m in inbox.messages[told:]] == ["dave@example.com"]
+    with pytest.raises(RmsdError, match="not a cluster key id"):
+        report(compromised, tmp_path, check_mode=True, expected_compromised_keys=["nope"])
+
+
 def test_notices_render_from_the_operators_templates_into_an_outbox(compromised, tmp_path):
     templates = tmp_path / "templates"
     templates.mkdir()

@@ -4,7 +4,7 @@ Every function takes a connection inside the caller's transaction."""
 import hashlib
 import hmac
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -478,9 +478,12 @@ def insert_content(conn: sa.Connection, cluster_id: int, item: dict) -> None:
 # --- content under compromised keys, and the notices to its owners -------------------------------------
 
 
-def _compromised_key_ids(cluster_id: int):
-    return sa.select(cluster_keys.c.id).where(cluster_keys.c.cluster_id == cluster_id,
-                                              cluster_keys.c.status == "compromised")
+def _compromised_key_ids(cluster_id: int, also: Sequence[str] = ()):
+    """The cluster's compromised keys; `also`: keys counted as compromised too (those a check run reports it
+    would declare so)."""
+    compromised = cluster_keys.c.status == "compromised"
+    counted = sa.or_(compromised, cluster_keys.c.id.in_(also)) if also else compromised
+    return sa.select(cluster_keys.c.id).where(cluster_keys.c.cluster_id == cluster_id, counted)
 
 
 def _iso_text(conn: sa.Connection, column) -> sa.ColumnElement:
@@ -491,7 +494,8 @@ def _iso_text(conn: sa.Connection, column) -> sa.ColumnElement:
     return sa.func.to_char(sa.func.timezone("UTC", column), 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')
 
 
-def affected_rows(conn: sa.Connection, cluster_id: int, batch: int = 5000) -> Iterator[sa.Row]:
+def affected_rows(conn: sa.Connection, cluster_id: int, batch: int = 5000,
+                  also: Sequence[str] = ()) -> Iterator[sa.Row]:
     """Every content item published under a compromised key of the cluster, in owner order, streamed
     `batch` rows at a time (a server-side cursor on PostgreSQL): rows of (owner, content_id, pl_id, key_id,
     published_at, republished_as, republished_at), the times as ISO 8601 text; `republished_as` set: its
@@ -500,7 +504,7 @@ def affected_rows(conn: sa.Connection, cluster_id: int, batch: int = 5000) -> It
         sa.select(content.c.owner, content.c.content_id, content.c.pl_id, content.c.key_id,
                   _iso_text(conn, content.c.created_at), content.c.superseded_by,
                   _iso_text(conn, content.c.superseded_at))
-        .where(content.c.cluster_id == cluster_id, content.c.key_id.in_(_compromised_key_ids(cluster_id)))
+        .where(content.c.cluster_id == cluster_id, content.c.key_id.in_(_compromised_key_ids(cluster_id, also)))
         .order_by(content.c.owner, content.c.content_id, content.c.created_at, content.c.pl_id)
     )
     result = conn.execution_options(yield_per=batch).execute(query)
@@ -510,20 +514,20 @@ def affected_rows(conn: sa.Connection, cluster_id: int, batch: int = 5000) -> It
         result.close()
 
 
-def _due(cluster_id: int):
+def _due(cluster_id: int, also: Sequence[str] = ()):
     """Pending content under a compromised key whose owner was not told about that key yet."""
     told = sa.select(owner_notices.c.id).where(
         owner_notices.c.cluster_id == cluster_id, owner_notices.c.owner == content.c.owner,
         owner_notices.c.key_id == content.c.key_id,
     )
     return (content.c.cluster_id == cluster_id, content.c.superseded_by.is_(None),
-            content.c.key_id.in_(_compromised_key_ids(cluster_id)), ~sa.exists(told))
+            content.c.key_id.in_(_compromised_key_ids(cluster_id, also)), ~sa.exists(told))
 
 
-def due_notices(conn: sa.Connection, cluster_id: int) -> list[tuple[str, str]]:
+def due_notices(conn: sa.Connection, cluster_id: int, also: Sequence[str] = ()) -> list[tuple[str, str]]:
     """(owner, compromised key id) of every notice still due, in owner order: one row per owner and key,
     however many items they hold."""
-    query = (sa.select(content.c.owner, content.c.key_id).where(*_due(cluster_id)).distinct()
+    query = (sa.select(content.c.owner, content.c.key_id).where(*_due(cluster_id, also)).distinct()
              .order_by(content.c.owner, content.c.key_id))
     return [(owner, key_id) for owner, key_id in conn.execute(query)]
 

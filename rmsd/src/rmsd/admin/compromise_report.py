@@ -9,7 +9,7 @@ from contextlib import nullcontext
 from functools import partial
 from typing import Any
 
-from rmsd import clusters, compromise
+from rmsd import clusters, compromise, rotation
 from rmsd.admin.common import Result, check_absolute, check_name, file_mode
 from rmsd.admin.store import Store, opened
 from rmsd.errors import RmsdError
@@ -23,15 +23,18 @@ NAMED = 10  # owners named in the returned facts and the diff; the counts cover 
 def ensure_compromise_report(
     *, cluster, database_url, database_password=None, json_path=None, csv_path=None, notify=False,
     sender=None, outbox_dir=None, smtp_host=None, smtp_port=25, smtp_starttls=False, smtp_username=None,
-    smtp_password=None, template_dir=None, notify_rate=0, notify_dry_run=False,
+    smtp_password=None, template_dir=None, notify_rate=0, notify_dry_run=False, expected_compromised_keys=(),
     progress: Callable[[dict], None] | None = None, check_mode=False,
 ) -> Result:
     """The per-owner report of content under compromised keys, written when it changed: with `json_path` a
     summary (JSON) and the per-owner file beside it (JSON Lines, one owner a line), with `csv_path` one line
     per item. With `notify`, every owner with content still to republish is sent one notice per compromised
     key (over SMTP at `smtp_host`, or into `outbox_dir`), at most `notify_rate` a second, never twice;
-    `notify_dry_run` renders every notice due and sends nothing. `progress` receives the notices' progress."""
+    `notify_dry_run` renders every notice due and sends nothing. `progress` receives the notices' progress.
+    `expected_compromised_keys` (check mode): keys an earlier step of the same run declares compromised; the
+    report and notices cover them as the real run's will. A real run reads the keys' status only."""
     check_name("cluster", cluster)
+    expected = rotation.check_key_ids(expected_compromised_keys) if check_mode else []
     for what, value in (("json_path", json_path), ("csv_path", csv_path), ("outbox_dir", outbox_dir),
                         ("template_dir", template_dir)):
         check_absolute(what, value, required=False)
@@ -57,15 +60,18 @@ def ensure_compromise_report(
             row = clusters.get_cluster(conn, cluster)
             if row is None:
                 return None
-            keys = [k for k in clusters.keys_of(conn, row.id) if k.status == "compromised"]
-            return row, keys, (clusters.due_notices(conn, row.id) if notify else [])
+            keys = [k for k in clusters.keys_of(conn, row.id) if k.status == "compromised" or k.id in expected]
+            also = [k.id for k in keys if k.status != "compromised"]
+            return row, keys, also, (clusters.due_notices(conn, row.id, also) if notify else [])
 
         found = store.read(current)
         if found is None:
             raise store.missing(cluster)
-        row, keys, due = found  # the notices due: (owner, key id), memory in proportion to owners, not items
-        compromised = [{"id": k.id, "compromised_at": k.status_changed_at.isoformat()} for k in keys]
-        summary, stale = _report(store, row.id, cluster, compromised, json_path, csv_path, check_mode)
+        row, keys, also, due = found  # the notices due: (owner, key id), memory in proportion to owners, not items
+        now = utcnow()
+        compromised = [{"id": k.id, "compromised_at": (k.status_changed_at if k.status == "compromised" else now)
+                        .isoformat()} for k in keys]
+        summary, stale = _report(store, row.id, cluster, compromised, json_path, csv_path, check_mode, also)
         notices = {"notified": 0, "owners": []}
         if notify and due and (not check_mode or notify_dry_run):
             notices = _notify(store, row, compromised, sender, template_dir, channel, rate, notify_dry_run, due,
@@ -87,13 +93,13 @@ def ensure_compromise_report(
 
 
 def _report(store: Store, cluster_id: int, cluster: str, compromised: list[dict], json_path: str | None,
-            csv_path: str | None, check_mode: bool) -> tuple[dict, list[str]]:
+            csv_path: str | None, check_mode: bool, also: list[str]) -> tuple[dict, list[str]]:
     """(summary, files rewritten): the rows are read once when the report is new or written without a
     digest; when the files are there, first only to digest them, and a second time to write them if changed."""
     files = compromise.report_files(json_path, csv_path)
 
     def rows(conn) -> compromise.Rows:
-        return compromise.Rows(cluster, compromised, clusters.affected_rows(conn, cluster_id))
+        return compromise.Rows(cluster, compromised, clusters.affected_rows(conn, cluster_id, also=also))
 
     def counted(conn) -> dict:
         found = rows(conn)
