@@ -146,7 +146,8 @@ def main() -> int:
     parser.add_argument("--stop-file", required=True, type=Path)
     parser.add_argument("--pid-file", type=Path)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--max-seconds", type=float, default=300)
+    parser.add_argument("--max-seconds", type=float, default=1800,
+                        help="a safety net for a client nobody stops; the tests stop it with --stop-file")
     parser.add_argument("--rotation", action="store_true", help="RAC, publish and license anew, over and over")
     args = parser.parse_args()
     if args.pid_file:
