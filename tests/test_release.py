@@ -1,0 +1,85 @@
+"""The collection as a user gets it: built with `ansible-galaxy collection build`, installed from the
+tarball into an empty collections path, and used from a folder of its own, away from this checkout."""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+# Repository tooling and test suites, which need this checkout (and scripts/) to run.
+EXCLUDED = ("tests", "molecule", "benchmarks", "scripts", ".ci", "build", ".venv", "Makefile", "ruff.toml",
+            ".git", "rmsd/tests")
+INSTALLED = ("ansible_collections", "rmsops", "rms")
+
+
+def user_env(collections: Path, home: Path) -> dict:
+    """Only the installed copy is visible: no build/collections symlink, no ~/.ansible copy."""
+    return dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(collections), ANSIBLE_HOME=str(home),
+                ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0", ANSIBLE_LOCALHOST_WARNING="false",
+                ANSIBLE_RETRY_FILES_ENABLED="false", ANSIBLE_COLLECTIONS_SCAN_SYS_PATH="false")
+
+
+def run(cmd: list, **kwargs) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, **kwargs)
+    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """(tarball, collections path the tarball is installed into, environment that sees only that copy)."""
+    root = tmp_path_factory.mktemp("release")
+    dist, collections, home = root / "dist", root / "collections", root / "ansible-home"
+    env = user_env(collections, home)
+    run([BIN / "ansible-galaxy", "collection", "build", "--output-path", dist, REPO], cwd=root, env=env)
+    galaxy = yaml.safe_load((REPO / "galaxy.yml").read_text())
+    tarball = dist / f"rmsops-rms-{galaxy['version']}.tar.gz"
+    run([BIN / "ansible-galaxy", "collection", "install", "--offline", "-p", collections, tarball],
+        cwd=root, env=env)
+    return tarball, collections, env
+
+
+def test_tarball_ships_the_license_and_none_of_the_repository_tooling(release):
+    tarball, _, _ = release
+    with tarfile.open(tarball) as tar:
+        names = tar.getnames()
+        manifest = json.load(tar.extractfile("MANIFEST.json"))["collection_info"]
+    assert "LICENSE" in names
+    assert "plugins/modules/cluster.py" in names
+    # The server role installs rmsd from its source with the pinned dependencies.
+    assert "rmsd/pyproject.toml" in names and "constraints.txt" in names
+    shipped = [name for name in names
+               if any(name == path or name.startswith(path + "/") for path in EXCLUDED)]
+    assert shipped == []
+    assert manifest["license"] == ["GPL-3.0-or-later"]
+    for link in ("repository", "documentation", "homepage", "issues"):
+        assert manifest[link].startswith("https://github.com/rmsops/rms"), link
+
+
+def test_installed_copy_has_the_license(release):
+    _, collections, _ = release
+    installed = collections.joinpath(*INSTALLED)
+    assert not installed.is_symlink()
+    assert (installed / "LICENSE").read_text() == (REPO / "LICENSE").read_text()
+    assert "GNU GENERAL PUBLIC LICENSE" in (installed / "LICENSE").read_text()
+    for path in EXCLUDED:
+        assert not (installed / path).exists(), path
+
+
+def test_shipped_playbook_passes_syntax_check_against_the_installed_copy(release, tmp_path):
+    _, collections, env = release
+    installed = collections.joinpath(*INSTALLED)
+    listed = run([BIN / "ansible-galaxy", "collection", "list", "rmsops.rms", "--format", "json"],
+                 cwd=tmp_path, env=env)
+    assert list(json.loads(listed.stdout)) == [str(collections / "ansible_collections")]
+    inventory = installed / "playbooks" / "inventories" / "example"
+    for playbook in ("rmsops.rms.site", "rmsops.rms.rotate_compromised_key", "rmsops.rms.backup_key"):
+        proc = run([BIN / "ansible-playbook", "-i", inventory, "--syntax-check", playbook], cwd=tmp_path, env=env)
+        assert "playbook: " in proc.stdout
