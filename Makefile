@@ -42,7 +42,8 @@ venv: $(VENV_STAMP)
 $(VENV_STAMP): constraints.txt rmsd/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c constraints.txt \
-		-e 'rmsd[test]' ansible-core molecule ansible-lint ruff mypy jwcrypto schemathesis pytest supervisor
+		-e 'rmsd[test]' ansible-core molecule ansible-lint ruff mypy jwcrypto schemathesis pytest supervisor \
+		ansible-builder
 	touch $@
 
 collection: $(COLLECTION_LINK)

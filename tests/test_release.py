@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from bindep.depends import Depends
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 # Repository tooling and test suites, which need this checkout (and scripts/) to run.
 EXCLUDED = ("tests", "molecule", "benchmarks", "scripts", ".ci", "build", ".venv", "Makefile", "ruff.toml",
-            ".git", "rmsd/tests")
+            ".git", "rmsd/tests", "execution-environment.yml")
 INSTALLED = ("ansible_collections", "rmsops", "rms")
 
 
@@ -24,6 +25,11 @@ def user_env(collections: Path, home: Path) -> dict:
     return dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(collections), ANSIBLE_HOME=str(home),
                 ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0", ANSIBLE_LOCALHOST_WARNING="false",
                 ANSIBLE_RETRY_FILES_ENABLED="false", ANSIBLE_COLLECTIONS_SCAN_SYS_PATH="false")
+
+
+def listed(text: str) -> list[str]:
+    """The entries of a requirements or bindep file."""
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
 
 
 def run(cmd: list, **kwargs) -> subprocess.CompletedProcess:
@@ -83,3 +89,34 @@ def test_shipped_playbook_passes_syntax_check_against_the_installed_copy(release
     for playbook in ("rmsops.rms.site", "rmsops.rms.rotate_compromised_key", "rmsops.rms.backup_key"):
         proc = run([BIN / "ansible-playbook", "-i", inventory, "--syntax-check", playbook], cwd=tmp_path, env=env)
         assert "playbook: " in proc.stdout
+
+
+def test_ansible_builder_introspection_lists_the_installed_collections_requirements(release):
+    _, collections, env = release
+    proc = run([BIN / "ansible-builder", "introspect", "--sanitize", collections], env=env)
+    found = yaml.safe_load(proc.stdout[proc.stdout.index("---"):])
+    requirements = (REPO / "meta" / "ee-requirements.txt").read_text()
+    bindep = (REPO / "meta" / "ee-bindep.txt").read_text()
+    assert listed(requirements) and listed(bindep)
+    assert found["python"] == [f"{line}  # from collection rmsops.rms" for line in listed(requirements)]
+    assert found["system"] == [f"{line}  # from collection rmsops.rms" for line in listed(bindep)]
+    # bindep's own parser: ssh for Debian and for RPM-based images.
+    depends = Depends(bindep)
+    assert [rule[0] for rule in depends.active_rules(["platform:dpkg"])] == ["openssh-client"]
+    assert [rule[0] for rule in depends.active_rules(["platform:rpm"])] == ["openssh-clients"]
+
+
+def test_execution_environment_definition_builds_a_context_with_the_tarball(release, tmp_path):
+    """ansible-builder validates the version 3 definition and copies the tarball it names."""
+    tarball, _, env = release
+    (tmp_path / "build" / "ee").mkdir(parents=True)
+    (tmp_path / "build" / "ee" / tarball.name).write_bytes(tarball.read_bytes())
+    definition = tmp_path / "execution-environment.yml"
+    definition.write_text((REPO / "execution-environment.yml").read_text())
+    assert yaml.safe_load(definition.read_text())["version"] == 3
+    run([BIN / "ansible-builder", "create", "-f", definition, "-c", tmp_path / "context"], cwd=tmp_path, env=env)
+    context = tmp_path / "context"
+    assert (context / "_build" / "collections" / tarball.name).read_bytes() == tarball.read_bytes()
+    requirements = yaml.safe_load((context / "_build" / "requirements.yml").read_text())
+    assert requirements["collections"] == [{"name": f"collections/{tarball.name}", "type": "file"}]
+    assert "introspect" in (context / "Containerfile").read_text()
