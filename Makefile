@@ -43,7 +43,7 @@ $(VENV_STAMP): constraints.txt rmsd/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c constraints.txt \
 		-e 'rmsd[test]' ansible-core molecule ansible-lint ruff mypy jwcrypto schemathesis pytest supervisor \
-		ansible-builder
+		ansible-builder antsibull-changelog
 	touch $@
 
 collection: $(COLLECTION_LINK)
@@ -67,6 +67,7 @@ test: venv collection
 	done; \
 	echo "stages: $$passed passed, 0 failed"
 
+# antsibull-changelog: the fragments and changelogs/changelog.yaml are valid.
 # ansible-lint --offline: lint the working tree through the collection symlink
 # instead of a built copy (and never reach for Ansible Galaxy).
 lint: venv collection
@@ -76,6 +77,8 @@ lint: venv collection
 	@# version stays the same: remove it, so the working tree is what gets linted.
 	rm -rf $(BUILD)/ansible-home/collections
 	$(BIN)/ansible-lint --offline --profile production
+	$(BIN)/antsibull-changelog lint
+	$(BIN)/antsibull-changelog lint-changelog-yaml changelogs/changelog.yaml
 
 sanity: venv
 	scripts/sanity.sh

@@ -1,6 +1,7 @@
 """The collection as a user gets it: built with `ansible-galaxy collection build`, installed from the
 tarball into an empty collections path, and used from a folder of its own, away from this checkout."""
 
+import ast
 import json
 import os
 import subprocess
@@ -120,3 +121,38 @@ def test_execution_environment_definition_builds_a_context_with_the_tarball(rele
     requirements = yaml.safe_load((context / "_build" / "requirements.yml").read_text())
     assert requirements["collections"] == [{"name": f"collections/{tarball.name}", "type": "file"}]
     assert "introspect" in (context / "Containerfile").read_text()
+
+
+def test_changelog_releases_the_galaxy_version_and_changelog_rst_is_generated_from_it(tmp_path):
+    version = yaml.safe_load((REPO / "galaxy.yml").read_text())["version"]
+    changelog = yaml.safe_load((REPO / "changelogs" / "changelog.yaml").read_text())
+    assert version in changelog["releases"]
+    # Every module and plugin was added in a released version, none in a version still to come.
+    added = {entry["name"]: release for release, data in changelog["releases"].items()
+             for kind in ("modules", "plugins") for entry in _flatten(data.get(kind, []))}
+    for path in sorted((REPO / "plugins").glob("*/*.py")):
+        doc = _documentation(path)
+        if doc is not None:
+            assert str(doc["version_added"]) in changelog["releases"], path
+            assert added.get(path.stem) == str(doc["version_added"]), path
+    # CHANGELOG.rst is what antsibull-changelog makes of changelogs/ (the plugin cache spares ansible-doc).
+    (tmp_path / "changelogs").mkdir()
+    for name in ("config.yaml", "changelog.yaml", ".plugin-cache.yaml"):
+        (tmp_path / "changelogs" / name).write_text((REPO / "changelogs" / name).read_text())
+    (tmp_path / "galaxy.yml").write_text((REPO / "galaxy.yml").read_text())
+    run([BIN / "antsibull-changelog", "generate"], cwd=tmp_path)
+    assert (tmp_path / "CHANGELOG.rst").read_text() == (REPO / "CHANGELOG.rst").read_text()
+
+
+def _flatten(entries):
+    """changelog.yaml lists modules as a list, other plugins as a list per plugin type."""
+    if isinstance(entries, dict):
+        return [entry for group in entries.values() for entry in group]
+    return entries
+
+
+def _documentation(path: Path) -> dict | None:
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["DOCUMENTATION"]:
+            return yaml.safe_load(node.value.value)
+    return None
