@@ -27,13 +27,21 @@ DEMO_ARGS ?=
 
 TEST_STAGES := lint sanity pytest molecule
 
-.PHONY: help venv collection demo test $(TEST_STAGES) clean
+# Debian packages the stages use (.ci/run installs them): each stage checks for its own first, and says
+# which apt-get command installs what is missing (scripts/check-packages.sh).
+SANITY_PACKAGES := git
+PYTEST_PACKAGES := postgresql haproxy softhsm2 openssl
+MOLECULE_PACKAGES := $(PYTEST_PACKAGES) podman runc mmdebstrap openssh-client
+CHECK_PACKAGES := scripts/check-packages.sh
+
+.PHONY: help venv collection demo test packages $(TEST_STAGES) clean
 
 help:
 	@echo "make venv        create .venv (pinned by constraints.txt)"
 	@echo "make collection  make rmsops.rms resolvable from build/collections"
 	@echo "make demo        run $(DEMO_PLAYBOOK) against the local demo inventory (DEMO_ARGS=...)"
 	@echo "make test        $(TEST_STAGES), stopping at the first failure"
+	@echo "make packages    check for the Debian packages the tests need (prints the apt-get command)"
 	@echo "make clean       remove .venv, build and .demo"
 
 venv: $(VENV_STAMP)
@@ -55,8 +63,12 @@ $(COLLECTION_LINK):
 demo: venv collection
 	$(BIN)/ansible-playbook -i $(DEMO_INVENTORY) $(DEMO_PLAYBOOK) $(DEMO_ARGS)
 
-# Each stage reports its duration; the first failing stage stops the run.
-test: venv collection
+packages:
+	@$(CHECK_PACKAGES) $(sort $(SANITY_PACKAGES) $(MOLECULE_PACKAGES))
+
+# Each stage reports its duration; the first failing stage stops the run. Missing packages are
+# reported before the first stage.
+test: packages venv collection
 	@passed=0; \
 	for stage in $(TEST_STAGES); do \
 		start=$$(date +%s); \
@@ -81,6 +93,7 @@ lint: venv collection
 	$(BIN)/antsibull-changelog lint-changelog-yaml changelogs/changelog.yaml
 
 sanity: venv
+	@$(CHECK_PACKAGES) $(SANITY_PACKAGES)
 	scripts/sanity.sh
 
 # Three workers on two cores: much of the time goes to waiting for subprocesses. A test file
@@ -88,6 +101,7 @@ sanity: venv
 PYTEST_ARGS ?= -x -q -n 3 --dist loadfile
 
 pytest: venv collection
+	@$(CHECK_PACKAGES) $(PYTEST_PACKAGES)
 	cd rmsd && $(BIN)/pytest $(PYTEST_ARGS)
 	$(BIN)/pytest $(PYTEST_ARGS) tests
 
@@ -101,6 +115,7 @@ MOLECULE_LANES := cluster,key_rotation,default backup_restore,hsm,hosts
 MOLECULE_LOGS := $(BUILD)/molecule-logs
 
 molecule: venv collection
+	@$(CHECK_PACKAGES) $(MOLECULE_PACKAGES)
 	@scenarios=$$(find molecule -mindepth 2 -maxdepth 2 -name molecule.yml -printf '%h\n' | xargs -rn1 basename | sort); \
 	laned=$$(echo $(MOLECULE_LANES) | tr ', ' '\n\n' | sort); \
 	test -n "$$scenarios" && test "$$scenarios" = "$$laned" || \
