@@ -27,13 +27,21 @@ DEMO_ARGS ?=
 
 TEST_STAGES := lint sanity pytest molecule
 
-.PHONY: help venv collection demo test $(TEST_STAGES) clean
+# Debian packages the stages use (.ci/run installs them): each stage checks for its own first, and says
+# which apt-get command installs what is missing (scripts/check-packages.sh).
+SANITY_PACKAGES := git
+PYTEST_PACKAGES := postgresql haproxy softhsm2 openssl
+MOLECULE_PACKAGES := $(PYTEST_PACKAGES) podman runc mmdebstrap openssh-client
+CHECK_PACKAGES := scripts/check-packages.sh
+
+.PHONY: help venv collection demo test packages $(TEST_STAGES) clean
 
 help:
 	@echo "make venv        create .venv (pinned by constraints.txt)"
 	@echo "make collection  make rmsops.rms resolvable from build/collections"
 	@echo "make demo        run $(DEMO_PLAYBOOK) against the local demo inventory (DEMO_ARGS=...)"
 	@echo "make test        $(TEST_STAGES), stopping at the first failure"
+	@echo "make packages    check for the Debian packages the tests need (prints the apt-get command)"
 	@echo "make clean       remove .venv, build and .demo"
 
 venv: $(VENV_STAMP)
@@ -42,7 +50,8 @@ venv: $(VENV_STAMP)
 $(VENV_STAMP): constraints.txt rmsd/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c constraints.txt \
-		-e 'rmsd[test]' ansible-core molecule ansible-lint ruff mypy jwcrypto schemathesis pytest supervisor
+		-e 'rmsd[test]' ansible-core molecule ansible-lint ruff mypy jwcrypto schemathesis pytest supervisor \
+		ansible-builder antsibull-changelog
 	touch $@
 
 collection: $(COLLECTION_LINK)
@@ -54,8 +63,12 @@ $(COLLECTION_LINK):
 demo: venv collection
 	$(BIN)/ansible-playbook -i $(DEMO_INVENTORY) $(DEMO_PLAYBOOK) $(DEMO_ARGS)
 
-# Each stage reports its duration; the first failing stage stops the run.
-test: venv collection
+packages:
+	@$(CHECK_PACKAGES) $(sort $(SANITY_PACKAGES) $(MOLECULE_PACKAGES))
+
+# Each stage reports its duration; the first failing stage stops the run. Missing packages are
+# reported before the first stage.
+test: packages venv collection
 	@passed=0; \
 	for stage in $(TEST_STAGES); do \
 		start=$$(date +%s); \
@@ -66,6 +79,7 @@ test: venv collection
 	done; \
 	echo "stages: $$passed passed, 0 failed"
 
+# antsibull-changelog: the fragments and changelogs/changelog.yaml are valid.
 # ansible-lint --offline: lint the working tree through the collection symlink
 # instead of a built copy (and never reach for Ansible Galaxy).
 lint: venv collection
@@ -75,8 +89,11 @@ lint: venv collection
 	@# version stays the same: remove it, so the working tree is what gets linted.
 	rm -rf $(BUILD)/ansible-home/collections
 	$(BIN)/ansible-lint --offline --profile production
+	$(BIN)/antsibull-changelog lint
+	$(BIN)/antsibull-changelog lint-changelog-yaml changelogs/changelog.yaml
 
 sanity: venv
+	@$(CHECK_PACKAGES) $(SANITY_PACKAGES)
 	scripts/sanity.sh
 
 # Three workers on two cores: much of the time goes to waiting for subprocesses. A test file
@@ -84,6 +101,7 @@ sanity: venv
 PYTEST_ARGS ?= -x -q -n 3 --dist loadfile
 
 pytest: venv collection
+	@$(CHECK_PACKAGES) $(PYTEST_PACKAGES)
 	cd rmsd && $(BIN)/pytest $(PYTEST_ARGS)
 	$(BIN)/pytest $(PYTEST_ARGS) tests
 
@@ -98,6 +116,7 @@ MOLECULE_LANES := cluster,hsm,key_rotation,backup_restore hosts,default
 MOLECULE_LOGS := $(BUILD)/molecule-logs
 
 molecule: venv collection
+	@$(CHECK_PACKAGES) $(MOLECULE_PACKAGES)
 	@scenarios=$$(find molecule -mindepth 2 -maxdepth 2 -name molecule.yml -printf '%h\n' | xargs -rn1 basename | sort); \
 	laned=$$(echo $(MOLECULE_LANES) | tr ', ' '\n\n' | sort); \
 	test -n "$$scenarios" && test "$$scenarios" = "$$laned" || \

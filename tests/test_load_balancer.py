@@ -417,11 +417,16 @@ def test_added_member_reloads_without_failed_request(deployment):
 
 
 class SlowMember(http.server.BaseHTTPRequestHandler):
-    """A member whose GET /slow answers after SLOW_SECONDS, so a drain has a session to wait for."""
+    """A member whose GET /slow is held until the test releases it, so a drain has a session to wait for."""
+
+    arrived = threading.Event()  # a /slow request reached the member
+    release = threading.Event()  # the test lets it answer
 
     def do_GET(self):
         if self.path == "/slow":
-            time.sleep(SLOW_SECONDS)
+            self.arrived.set()
+            # Bounded only so that a failed test does not leave the request hanging.
+            self.release.wait(EVENT_TIMEOUT)
         body = json.dumps({"status": "ok", "node": "slow"}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -436,38 +441,66 @@ class SlowMember(http.server.BaseHTTPRequestHandler):
         pass
 
 
-SLOW_SECONDS = 5
+# How long an event may take before the test gives up: a bound against hanging, not a measure.
+EVENT_TIMEOUT = 300
 
 
 def test_drain_waits_for_the_last_session(deployment):
-    """lb2 in front of a member holding a long request: drain gives up after its timeout, then waits it out."""
+    """lb2 in front of a member holding a request: drain gives up after its timeout, and waits for the request
+    to end when given the time. Each step waits on the event itself (the request reaching the member, the
+    drain setting its state), so a busy machine only makes it slower."""
     dep = deployment
+    SlowMember.arrived.clear()
+    SlowMember.release.clear()
     server = http.server.ThreadingHTTPServer(("127.0.2.9", 0), SlowMember)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    answers = []
     try:
-        dep.balance("--limit", "lb2", extra={"load_balancer_members": [
-            {"name": "slow", "address": "127.0.2.9", "port": server.server_address[1]}]})
+        # HAProxy's timeouts must outlast the held request, however long the playbooks take.
+        dep.balance("--limit", "lb2", extra={
+            "load_balancer_timeout_server": "10m", "load_balancer_timeout_client": "10m",
+            "load_balancer_members": [{"name": "slow", "address": "127.0.2.9", "port": server.server_address[1]}]})
         dep.wait_status("lb2", "slow", "UP")
-        answers = []
         context = ssl.create_default_context(cafile=str(dep.ca))
-        request = threading.Thread(target=lambda: answers.append(
-            httpx.get(dep.url("lb2").replace("/health", "/slow"), verify=context, timeout=30).status_code))
-        started = time.monotonic()
-        request.start()
-        while dep.servers("lb2")["slow"]["sessions"] != 1:
-            assert time.monotonic() - started < 2, "the slow request never reached the member"
-            time.sleep(0.05)
 
+        def slow_request():
+            try:
+                url = dep.url("lb2").replace("/health", "/slow")
+                answers.append(httpx.get(url, verify=context, timeout=EVENT_TIMEOUT).status_code)
+            except httpx.HTTPError as exc:
+                answers.append(repr(exc))
+
+        request = threading.Thread(target=slow_request)
+        request.start()
+        assert SlowMember.arrived.wait(EVENT_TIMEOUT), "the slow request never reached the member"
+        assert dep.servers("lb2")["slow"]["sessions"] == 1
+
+        # The request is held: a drain with a short timeout gives up, whatever the time the playbook takes.
         output, _ = dep.member_state("slow", ["drain"], lb="lb2", expect_rc=2,
                                      extra={"load_balancer_drain_timeout": 1})
         assert "rmsd_nodes/slow still has 1 sessions after 1s" in output, output
-        assert answers == [], "the drain did not wait"
-        output, _ = dep.member_state("slow", ["drain"], lb="lb2")
-        assert answers == [200], "the drain returned before the member's last request ended"
-        assert time.monotonic() - started >= SLOW_SECONDS
+        assert answers == [], "the request ended while it was held"
+
+        # Ready again (the request still held), so that the next drain's first step shows: it sets the state.
+        assert ask(dep.lb_dir("lb2") / "admin.sock", "set server rmsd_nodes/slow state ready").strip() == ""
+        drained: list = []
+        drain = threading.Thread(target=lambda: drained.append(dep.member_state("slow", ["drain"], lb="lb2")))
+        drain.start()
+        deadline = time.monotonic() + EVENT_TIMEOUT
+        while not dep.servers("lb2")["slow"]["admin"] & 0x08:  # forced drain: the drain is under way
+            assert drain.is_alive(), "the drain ended without draining"
+            assert time.monotonic() < deadline, "the drain never set the member's state"
+            time.sleep(0.1)
+        # The drain is waiting for the held request: it must not end before the request does.
+        assert drain.is_alive() and answers == []
+        SlowMember.release.set()
+        drain.join(EVENT_TIMEOUT)
+        request.join(EVENT_TIMEOUT)
+        assert drained, "the drain failed"
+        assert answers == [200]
         assert dep.servers("lb2")["slow"]["sessions"] == 0
-        request.join()
     finally:
+        SlowMember.release.set()
         server.shutdown()
 
 

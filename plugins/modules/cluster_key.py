@@ -9,7 +9,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: cluster_key
 short_description: Revoke compromised RMS cluster keys, roll the active key over, change the key password
-version_added: 0.2.0
+version_added: 0.1.0
 description:
   - Keeps an RMS cluster's keys as the desired state says. The desired state names the keys that must be revoked
     (O(compromised_keys)) and how old the active key may be (O(max_age)); it never says "rotate now", so a rerun

@@ -9,7 +9,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: compromise_report
 short_description: Report content under compromised RMS cluster keys per owner, and notify the owners
-version_added: 0.2.0
+version_added: 0.1.0
 description:
   - Lists, per content owner, the content published under cluster keys revoked as compromised (see
     M(rmsops.rms.cluster_key)), each item either C(pending) (still to be republished) or C(republished) (its owner

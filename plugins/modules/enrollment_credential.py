@@ -9,7 +9,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: enrollment_credential
 short_description: Let a licensing cluster enroll with the root cluster
-version_added: 0.2.0
+version_added: 0.1.0
 description:
   - Manages an enrollment credential on the root cluster. A licensing cluster presents the credential's secret
     to the root cluster's C(POST /enrollment) to get its server licensor certificate (SLC); see

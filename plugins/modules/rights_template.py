@@ -9,7 +9,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: rights_template
 short_description: Manage a rights policy template of an RMS cluster
-version_added: 0.2.0
+version_added: 0.1.0
 description:
   - A rights policy template is a named set of rights (who may do what) kept by a cluster. A publisher names the
     template in C(POST /publishing) instead of listing the rights; the publishing license records the template.

@@ -9,7 +9,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: trusted_publishing_domain
 short_description: Export or import an RMS cluster's trusted publishing domain (key backup and migration)
-version_added: 0.2.0
+version_added: 0.1.0
 description:
   - A trusted publishing domain (TPD) holds a cluster's keys, SLCs, rights policy templates and content registry in
     one file encrypted with O(password); it is the unit of backup, restore and migration.

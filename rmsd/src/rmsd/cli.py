@@ -5,6 +5,7 @@ import ipaddress
 import json
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -12,19 +13,41 @@ from rmsd import admin, demo_issuer
 from rmsd.config import load_node_config, load_secrets, write_atomic_bytes
 from rmsd.errors import RmsdError
 
+# The server role installs each node's configuration as BASE/INSTANCE/rmsd.toml (server_config_path).
+CONFIG_NAME = "rmsd.toml"
+DEFAULT_BASE_DIR = "/var/lib/rmsd"
+CONFIG_HELP = ("the node's configuration file; default: $RMSD_CONFIG, else the one node's rmsd.toml under "
+               f"$RMSD_BASE_DIR/*/ (RMSD_BASE_DIR defaults to {DEFAULT_BASE_DIR}, where the server role installs it)")
 LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 DNS_NAME = re.compile(rf"^(?=.{{1,253}}$){LABEL}(\.{LABEL})*$")
+
+
+def config_path(given: str | None) -> str:
+    """--config, else RMSD_CONFIG, else the only rmsd.toml of an instance under the base folder."""
+    if given:
+        return given
+    if os.environ.get("RMSD_CONFIG"):
+        return os.environ["RMSD_CONFIG"]
+    base = Path(os.environ.get("RMSD_BASE_DIR") or DEFAULT_BASE_DIR)
+    found = sorted(str(path) for path in base.glob(f"*/{CONFIG_NAME}"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise RmsdError(f"no node configuration found (no {base}/*/{CONFIG_NAME}); give --config PATH or set "
+                        "RMSD_CONFIG")
+    raise RmsdError(f"{len(found)} nodes are configured on this machine ({', '.join(found)}); give --config with "
+                    "one of them")
 
 
 def _serve(args) -> int:
     from rmsd.service import serve
 
-    serve(load_node_config(args.config))
+    serve(load_node_config(config_path(args.config)))
     return 0
 
 
 def _status(args) -> int:
-    config = load_node_config(args.config)
+    config = load_node_config(config_path(args.config))
     secrets = load_secrets(config.secret_path)
     info = admin.cluster_info(
         name=config.cluster, database_url=config.database_url, database_password=secrets.database_password
@@ -129,29 +152,31 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the HTTP service of one node")
-    s.add_argument("--config", required=True)
+    s.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     s.set_defaults(func=_serve)
 
     s = sub.add_parser("status", help="the node's cluster, keys and nodes as JSON")
-    s.add_argument("--config", required=True)
+    s.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
     s.set_defaults(func=_status)
 
     s = sub.add_parser("cluster-info", help="a cluster's state as JSON (database password: RMSD_DATABASE_PASSWORD)")
-    s.add_argument("--database-url", required=True)
-    s.add_argument("--name", required=True)
+    s.add_argument("--database-url", required=True, metavar="URL",
+                   help="the cluster's configuration database (SQLAlchemy URL, e.g. sqlite:////var/lib/rmsd/c1.db "
+                   "or postgresql+psycopg://rms@db.example.com/rms); the password comes from RMSD_DATABASE_PASSWORD")
+    s.add_argument("--name", required=True, help="the cluster's name")
     s.set_defaults(func=_cluster_info)
 
     issuer = sub.add_parser("demo-issuer", help="a local JWT issuer for the demo and tests").add_subparsers(
         dest="issuer_command", required=True
     )
     s = issuer.add_parser("init", help="create the issuer's signing key and jwks.json (once)")
-    s.add_argument("--dir", required=True)
+    s.add_argument("--dir", required=True, help="the issuer's folder (created if missing)")
     s.set_defaults(func=_issuer_init)
     s = issuer.add_parser("token", help="print a bearer token")
-    s.add_argument("--dir", required=True)
-    s.add_argument("--sub", required=True)
-    s.add_argument("--groups")
-    s.add_argument("--ttl", type=int, default=300)
+    s.add_argument("--dir", required=True, help="the issuer's folder, made by demo-issuer init")
+    s.add_argument("--sub", required=True, help="the token's subject, e.g. alice@example.com")
+    s.add_argument("--groups", metavar="G1,G2", help="comma-separated groups the subject is a member of")
+    s.add_argument("--ttl", type=int, default=300, metavar="SECONDS", help="lifetime of the token (default: 300)")
     s.set_defaults(func=_issuer_token)
 
     s = sub.add_parser(
@@ -169,8 +194,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_tls_request)
 
     s = sub.add_parser("demo-roundtrip", help="RAC -> PL -> UL over HTTP, then open the content")
-    s.add_argument("--url", required=True)
-    s.add_argument("--issuer-dir", required=True)
+    s.add_argument("--url", required=True, help="the node's (or its balancer's) base URL")
+    s.add_argument("--issuer-dir", required=True, metavar="DIR", help="the folder of the demo issuer the node trusts")
     s.set_defaults(func=_roundtrip)
     return p
 
@@ -178,10 +203,17 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, where a closed pipe can still be handled, rather than at exit
+        return code
     except RmsdError as err:
         print(f"rmsd: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`rmsd cluster-info | head`): nothing more to say, and no traceback. Point stdout
+        # at /dev/null so the interpreter's final flush does not fail again; exit as SIGPIPE would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -120,6 +120,12 @@ def create_app(config: NodeConfig) -> FastAPI:
 
     User = Annotated[Principal, Depends(authenticated)]
 
+    # Not an operation of the contract: whoever opens the node's address learns where to go from there.
+    @app.get("/", include_in_schema=False)
+    def index():
+        return {"service": "rmsd", "version": __version__, "cluster": config.cluster, "node": config.name,
+                "links": {"health": "/health", "slc": "/slc", "api": "/openapi.json"}}
+
     @app.get("/health", response_model=Health, operation_id="health", **_docs("health"), tags=["node"])
     def health():
         state = node.state(refresh=True)  # cheap, and what a rotation changed shows at once
