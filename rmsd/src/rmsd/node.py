@@ -70,6 +70,9 @@ class Node:
         self.config = config
         secrets = load_secrets(config.secret_path)
         self.engine = db.make_engine(config.database_url, secrets.database_password)
+        # Reads that need no transaction: on PostgreSQL no BEGIN and ROLLBACK round trips around them.
+        self.reader = (self.engine.execution_options(isolation_level="AUTOCOMMIT")
+                       if self.engine.dialect.name == "postgresql" else self.engine)
         self._key_passwords = secrets.key_passwords
         self._token = TokenSettings.for_node(config, secrets)
         self.started_at = utcnow()
@@ -274,7 +277,7 @@ class Node:
         key_id = pl.claims["key_id"]
         # Everything a revocation or rotation changes is read here, on every request, in one round trip:
         # the PL's key (compromised?), the key this node signs with (still active?), the RAC's root SLC.
-        with self.engine.connect() as conn:
+        with self.reader.connect() as conn:
             statuses, rac_trusted = clusters.license_checks(
                 conn, state.row.id, state.row.role, {key_id, state.active.key_id}, rac.issuer_key_id)
             if statuses.get(key_id) == "compromised":
