@@ -235,8 +235,10 @@ def _serve_worker(config: NodeConfig, tls: dict, sock: socket.socket | None = No
                                    timeout_graceful_shutdown=10, **uvicorn_limits(config), **tls)
     server = uvicorn.Server(server_config)
     server.run(sockets=[sock] if sock is not None else None)
-    if not server.started and sock is None:
-        sys.exit(3)  # as uvicorn.run: the port or the start-up failed, and uvicorn said why
+    if not server.started:  # the port or the start-up failed, and uvicorn said why
+        if sock is None:
+            sys.exit(3)  # as uvicorn.run
+        raise RmsdError("the worker did not start")
 
 
 def _supervise(config: NodeConfig, tls: dict, workers: int) -> None:
