@@ -101,9 +101,14 @@ def rmsd_command() -> list[str]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of one process (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of one process and its live children, a node's worker processes (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    workers = [int(p) for p in children.read_text().split()] if children.exists() else []
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") + sum(cpu_seconds(w) for w in workers)
 
 
 def machine_busy() -> tuple[int, int]:
@@ -388,6 +393,7 @@ class Deployment:
     key_password: str
     issuer_dir: Path
     node_port: int
+    workers: int = 1
     nodes: list = field(default_factory=list)  # (name, address, port, process)
 
     def start_node(self) -> tuple[str, str, int, subprocess.Popen]:
@@ -399,7 +405,7 @@ class Deployment:
             key_password=self.key_password, listen_address=address, port=self.node_port,
             config_path=str(etc / f"{name}.toml"), secret_path=str(etc / f"{name}.secret"),
             identity_issuer=demo_issuer.ISSUER, identity_audience=demo_issuer.AUDIENCE,
-            identity_jwks_uri=demo_issuer.jwks_uri(self.issuer_dir),
+            identity_jwks_uri=demo_issuer.jwks_uri(self.issuer_dir), workers=self.workers,
         )
         config_path = result.facts["server"]["config_path"]
         node = tomllib.loads(Path(config_path).read_text())["node"]
@@ -442,7 +448,7 @@ def _measure(args, directory, processes, pg, speed, cores) -> dict:
     issuer_dir = directory / "issuer"
     demo_issuer.init(issuer_dir)
     deployment = Deployment(directory, processes, database_url, pg.password, key_password, issuer_dir,
-                            args.node_port)
+                            args.node_port, args.workers)
     balancer = Balancer(processes, directory, args.balancer_port, args.tls)
 
     first = deployment.start_node()
@@ -485,6 +491,7 @@ def _measure(args, directory, processes, pg, speed, cores) -> dict:
                     "openssl": tool_version("openssl", "version"), "haproxy": tool_version("haproxy", "-v")},
         "openssl_speed_rsa2048": speed,
         "balancer_tls": args.tls,
+        "workers": args.workers,
         "warmup_s": args.warmup,
         "runs": [{k: v for k, v in asdict(run).items() if k != "sample_ul"} for run in runs],
     }
@@ -529,7 +536,8 @@ def report(result: dict) -> str:
          f"(RSA scales x{scaling:.2f} from 1 to {speed[-1]['processes']} processes here)."),
         "",
         f"Caveat: the load generator (Python threads, keep-alive) runs on the same {machine['cores']} cores as the",
-        "nodes, PostgreSQL and HAProxy; each node is one uvicorn worker. More nodes than cores cannot add",
+        (f"nodes, PostgreSQL and HAProxy; each node runs {result.get('workers', 1)} worker process(es). More nodes "
+        "than cores cannot add"),
         "throughput here; the figures show the per-UL cost, not what a fleet of separate hosts would reach.",
         f"Balancer: HAProxy {'TLS' if result['balancer_tls'] else 'plain HTTP'}, roundrobin, health check GET /health.",
         "",
@@ -575,6 +583,7 @@ def parse_args(argv=None):
     p.add_argument("--node-port", type=int, default=18080, help="port of every node on 127.0.3.x (default 18080)")
     p.add_argument("--balancer-port", type=int, default=18000, help="HAProxy port on 127.0.3.100 (default 18000)")
     p.add_argument("--openssl-seconds", type=int, default=3, help="seconds per openssl speed operation (default 3)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes of every node (default 1)")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
     p.add_argument("--keep", action="store_true", help="keep the working directory (logs, configuration)")
     args = p.parse_args(argv)
@@ -584,7 +593,7 @@ def parse_args(argv=None):
         p.error("--nodes takes a comma-separated list such as 1,2,3")
     if not args.nodes or not all(1 <= n <= len(NODE_ADDRESSES) for n in args.nodes):
         p.error(f"--nodes must be between 1 and {len(NODE_ADDRESSES)}")
-    if args.concurrency < 1 or args.duration <= 0 or args.warmup < 0:
+    if args.concurrency < 1 or args.duration <= 0 or args.warmup < 0 or args.workers < 1:
         p.error("--concurrency must be at least 1, --duration positive, --warmup not negative")
     return args
 

@@ -130,6 +130,12 @@ options:
         description:
           - C(Retry-After) of a 503 answered while the configuration database is unavailable (1 to 3600). Default 5.
         type: int
+  workers:
+    description:
+      - Worker processes serving the server's port (1 to 256); V(0) runs one per core of the server. Each worker
+        opens its own database connections and PKCS#11 session.
+    type: int
+    default: 0
   state:
     description:
       - V(present) registers the server and writes its files.
@@ -258,6 +264,7 @@ def main():
                     "retry_after_seconds",
                 )
             }),
+            workers=dict(type="int", default=0),
             state=dict(type="str", choices=["present", "absent"], default="present"),
             **pkcs11_argument_spec(),
         ),

@@ -55,6 +55,33 @@ def key_statuses(conn: sa.Connection, key_ids) -> dict[str, str]:
     return dict(conn.execute(query).all())
 
 
+def license_checks(conn: sa.Connection, cluster_id: int, role: str, key_ids, rac_issuer_key_id: str):
+    """What a revocation or rotation can change for one licensing request, in one round trip: the
+    status of each of `key_ids` (this cluster's keys), and whether the root SLC of `rac_issuer_key_id`
+    is still trusted (root cluster: that key of its own is not compromised; licensing cluster: its copy
+    of the root SLC is not revoked)."""
+    ids = sorted(set(key_ids) | ({rac_issuer_key_id} if role == "root" else set()))
+    keys = sa.select(cluster_keys.c.id, cluster_keys.c.status, sa.literal("key").label("what")).where(
+        cluster_keys.c.id.in_(ids), cluster_keys.c.cluster_id == cluster_id
+    )
+    query: sa.Executable = keys
+    if role != "root":
+        anchor = sa.select(certificates.c.key_id, sa.literal("trusted"), sa.literal("anchor")).where(
+            certificates.c.cluster_id == cluster_id, certificates.c.kind == "root",
+            certificates.c.key_id == rac_issuer_key_id, certificates.c.revoked_at.is_(None),
+        )
+        query = sa.union_all(keys, anchor)
+    statuses, anchored = {}, False
+    for key_id, status, what in conn.execute(query):
+        if what == "key":
+            statuses[key_id] = status
+        else:
+            anchored = True
+    if role == "root":
+        anchored = statuses.get(rac_issuer_key_id) not in (None, "compromised")
+    return statuses, anchored
+
+
 def lock_active_key(conn: sa.Connection, key_id: str) -> bool:
     """True when `key_id` is still the active key; holds it so (FOR SHARE on PostgreSQL, the write
     lock on SQLite) until the caller's transaction ends, so a rotation cannot commit in between."""

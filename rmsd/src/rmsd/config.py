@@ -72,6 +72,9 @@ class NodeConfig:
     # Seconds a client has to send a request's line and headers, then again its body (default 10); a client
     # slower than that is disconnected (headers) or answered 408 (body).
     read_timeout_seconds: int | None = None
+    # Worker processes serving the node's port (unset: one per core of the host). Each opens its own
+    # database connections and its own PKCS#11 session.
+    workers: int | None = None
 
     @property
     def tls(self) -> bool:
@@ -99,6 +102,23 @@ class Secrets:
 
     def render(self) -> str:
         return tomli_w.dumps({k: v for k, v in asdict(self).items() if v is not None})
+
+
+MAX_WORKERS = 256
+
+
+def check_workers(workers) -> int | None:
+    """The worker count a node is configured with: None (one per core) or a whole number from 1."""
+    if workers is None or workers == 0:
+        return None
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
+        raise RmsdError(f"workers must be a whole number from 1 to {MAX_WORKERS} (0 or unset: one per core), "
+                        f"not {workers!r}")
+    return workers
+
+
+def worker_count(config: NodeConfig) -> int:
+    return config.workers or os.cpu_count() or 1
 
 
 def node_url(listen_address: str, port: int, tls: bool) -> str:

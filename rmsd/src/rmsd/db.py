@@ -19,6 +19,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 # is a constant rather than read through alembic (whose import and script scan cost a module run a good
 # part of a second); rmsd/tests/test_admin.py checks it is alembic's head.
 HEAD_REVISION = "0004"
+POOL_SIZE, POOL_OVERFLOW = 16, 24  # per process (worker); PostgreSQL's default max_connections is 100
 
 
 def alembic_head_revision() -> str:
@@ -50,7 +51,10 @@ def make_engine(database_url: str, password: str | None = None) -> sa.Engine:
         url = url.set(drivername="postgresql+psycopg")
         if password is not None:
             url = url.set(password=password)
-        return sa.create_engine(url, pool_pre_ping=True, connect_args={"connect_timeout": 10})
+        # Pool large enough for a worker's request threads at once: a connection opened and closed per
+        # request (the default pool keeps 5) costs PostgreSQL a backend start each time.
+        return sa.create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW,
+                                connect_args={"connect_timeout": 10})
     raise RmsdError(f"database backend {backend!r} is not supported; use sqlite:/// or postgresql://")
 
 

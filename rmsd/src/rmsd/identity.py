@@ -1,6 +1,7 @@
 """Bearer-token authentication: JWTs from a configured issuer, verified against its JWKS."""
 
 import json
+import math
 import threading
 import time
 import unicodedata
@@ -13,6 +14,7 @@ from joserfc import jwt
 from joserfc.errors import BadSignatureError, ClaimError, ExpiredTokenError, JoseError
 from joserfc.jwk import KeySet
 
+from rmsd import caches
 from rmsd.errors import AuthenticationError, InvalidRequestError, RmsdError
 
 ALLOWED_ALGS = ["RS256", "PS256", "ES256"]
@@ -107,8 +109,11 @@ class TokenVerifier:
             raise RmsdError("identity_issuer and identity_jwks_uri must be set to authenticate users")
         self.issuer, self.audience, self.jwks_uri = issuer, audience, jwks_uri
         self._keys: KeySet | None = None
-        self._fetched = 0.0
+        self._fetched = self._fetched_wall = 0.0
         self._lock = threading.Lock()
+        # Tokens verified once, until they expire or the JWKS is read again (a key the issuer dropped
+        # stops verifying then).
+        self.tokens = caches.VerifiedCache("token")
 
     def _load_jwks(self) -> KeySet:
         url = urlparse(self.jwks_uri)
@@ -130,11 +135,26 @@ class TokenVerifier:
             if refresh or self._keys is None or time.monotonic() - self._fetched > JWKS_TTL:
                 self._keys = self._load_jwks()
                 self._fetched = time.monotonic()
+                self._fetched_wall = time.time()
+                self.tokens.clear()
             return self._keys
 
     def verify(self, token: str) -> Principal:
         """The token's principal; AuthenticationError (HTTP 401) with a message of ours, never the JOSE
         library's error codes, when the token is not acceptable."""
+        digest = caches.digest(token)
+        found = self.tokens.get(digest)
+        if found is not None:
+            return found
+        fetched = self._fetched_wall  # before verifying: a JWKS read meanwhile must not lengthen the entry's life
+        principal, exp = self._verify(token)
+        # Kept until the token's own expiry (without the leeway) and the JWKS's next reading, whichever
+        # comes first ("nbf" and "iat", once passed, stay passed).
+        if exp is not None:
+            self.tokens.put(digest, principal, min(exp, fetched + JWKS_TTL))
+        return principal
+
+    def _verify(self, token: str) -> tuple[Principal, float | None]:
         try:
             try:
                 decoded = jwt.decode(token, self._keyset(), algorithms=ALLOWED_ALGS)
@@ -185,7 +205,10 @@ class TokenVerifier:
             problem = identifier_problem(group)
             if problem:
                 raise AuthenticationError(f"bearer token rejected: every entry of 'groups' {problem}")
-        return Principal(subject=subject, groups=tuple(dict.fromkeys(groups)))
+        exp = claims.get("exp")
+        numeric = isinstance(exp, int | float) and not isinstance(exp, bool)
+        expires = float(exp) if numeric and math.isfinite(exp) else None  # type: ignore[arg-type]
+        return Principal(subject=subject, groups=tuple(dict.fromkeys(groups))), expires
 
 
 def _claim_message(claim: str) -> str:

@@ -23,7 +23,7 @@ _JWS = jws.JWSRegistry(algorithms=["RS256"])
 
 
 def wrap_content_key(content_key: bytes, public_key, alg: str, kid: str) -> str:
-    recipient = RSAKey.import_key(public_key)
+    recipient = public_key if isinstance(public_key, RSAKey) else RSAKey.import_key(public_key)
     return jwe.encrypt_compact({"alg": alg, "enc": CONTENT_ENC, "kid": kid}, content_key, recipient, registry=_JWE)
 
 

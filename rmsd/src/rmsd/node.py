@@ -7,12 +7,15 @@ import binascii
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from joserfc.jwk import RSAKey
 
-from rmsd import clusters, db, keys, licenses, pki
+from rmsd import caches, clusters, db, keys, licenses, pki
 from rmsd.config import NodeConfig, load_secrets
 from rmsd.errors import (
     AuthenticationError,
@@ -28,6 +31,22 @@ from rmsd.schema import utcnow
 
 log = logging.getLogger("rmsd")
 ACTIVE_KEY_TTL = 5.0  # seconds a node trusts its view of the active key before reading it again
+# A PL has no expiry of its own; a verified one is kept at most this long (and while the LRU keeps it).
+PL_CACHE_SECONDS = 3600.0
+
+
+@dataclass(frozen=True)
+class VerifiedRac:
+    cert: x509.Certificate
+    subject: str
+    serial: str
+    issuer_key_id: str  # the key of the root SLC it chains to
+    jose_key: RSAKey  # its public key, to wrap content keys to
+
+
+@dataclass(frozen=True)
+class VerifiedPl:
+    claims: dict
 
 
 class ClusterState:
@@ -37,6 +56,7 @@ class ClusterState:
                  revoked: dict[str, datetime]):
         self.row, self.active, self.slc_pem, self.trusted_slcs = row, active, slc_pem, trusted_slcs
         self.chain = chain  # the SLC, then (licensing clusters) the root SLC it chains to
+        # (key id, root SLC) whose RACs this cluster accepts
         self.revoked = revoked  # this cluster's keys revoked as compromised -> when
         self.read_at = time.monotonic()
 
@@ -50,6 +70,9 @@ class Node:
         self.config = config
         secrets = load_secrets(config.secret_path)
         self.engine = db.make_engine(config.database_url, secrets.database_password)
+        # Reads that need no transaction: on PostgreSQL no BEGIN and ROLLBACK round trips around them.
+        self.reader = (self.engine.execution_options(isolation_level="AUTOCOMMIT")
+                       if self.engine.dialect.name == "postgresql" else self.engine)
         self._key_passwords = secrets.key_passwords
         self._token = TokenSettings.for_node(config, secrets)
         self.started_at = utcnow()
@@ -62,6 +85,12 @@ class Node:
         self._state: ClusterState | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self.racs = caches.VerifiedCache("rac")
+        self.pls = caches.VerifiedCache("pl")
+
+    def cache_stats(self) -> list[str]:
+        caches_ = [self.racs, self.pls] + ([self.verifier.tokens] if self.verifier else [])
+        return [cache.stats() for cache in caches_]
 
     # --- cluster state -----------------------------------------------------------------------------
 
@@ -112,7 +141,7 @@ class Node:
                     chain = [slc.pem]
                     if row.role == "licensing":
                         chain.append(clusters.root_slc_row(conn, row.id, slc.issuer_key_id).pem)
-                    trusted = clusters.trust_anchors(conn, row)
+                    trusted = [(pki.cert_key_id(slc), slc) for slc in clusters.trust_anchors(conn, row)]
                 self._state = ClusterState(row, active, slc.pem, chain, trusted, revoked)
             return self._state
 
@@ -242,51 +271,88 @@ class Node:
         state = self.state()
         now = utcnow()
         rac = self._trusted_rac(state, rac_pem, now)
-        if pki.rac_subject(rac) != user.subject:
+        if rac.subject != user.subject:
             raise ForbiddenError("the RAC belongs to another user than the bearer token's subject")
+        pl = self._verified_pl(state, pl_token)
+        key_id = pl.claims["key_id"]
+        # Everything a revocation or rotation changes is read here, on every request, in one round trip:
+        # the PL's key (compromised?), the key this node signs with (still active?), the RAC's root SLC.
+        with self.reader.connect() as conn:
+            statuses, rac_trusted = clusters.license_checks(
+                conn, state.row.id, state.row.role, {key_id, state.active.key_id}, rac.issuer_key_id)
+            if statuses.get(key_id) == "compromised":
+                raise RevokedError(_revoked_content_message(clusters.content_row(conn, pl.claims["pl_id"]),
+                                                            clusters.key_row(conn, key_id)))
+        if statuses.get(state.active.key_id) != "active":  # a rotation retired it since this node read the cluster
+            state = self.state(refresh=True)
+        if not rac_trusted:
+            raise ForbiddenError("the RAC was not issued by this deployment's root cluster or has expired")
+        rights = licenses.granted_rights(pl.claims, user.subject, list(user.groups))
+        if not rights:
+            raise ForbiddenError(f"{user.subject} holds no rights to content {pl.claims['content_id']}")
+        content_key = licenses.unwrap_content_key(pl.claims["wrapped_key"], self._key(key_id))
+        ul = licenses.issue_ul(
+            state.active, state.row.name, pl.claims, user.subject, rights, rac.jose_key, rac.serial, content_key, now,
+        )
+        return {"ul": ul, "content_id": pl.claims["content_id"], "rights": rights}
+
+    def _key(self, key_id: str) -> ClusterKey:
+        found = self._keys.get(key_id)
+        if found is not None:
+            return found
+        with self.engine.connect() as conn:
+            return self.load_key(conn, key_id)
+
+    def _verified_pl(self, state: ClusterState, pl_token: str) -> "VerifiedPl":
+        """A PL of this cluster with a valid signature and in the content registry: checked once per PL
+        (its bytes never change, nor does a key's public half or a registry entry); what can change, its
+        key's status, the caller reads on every request."""
+        digest = caches.digest(pl_token)
+        found = self.pls.get(digest)
+        if found is not None:
+            return found
         key_id = licenses.header_of(pl_token).get("kid")
         with self.engine.connect() as conn:
             key_row = clusters.key_row(conn, key_id) if isinstance(key_id, str) else None
             if key_row is None or key_row.cluster_id != state.row.id:
                 raise InvalidRequestError("the publishing license was not issued by this cluster")
             public_key = serialization.load_pem_public_key(key_row.public_key_pem.encode())
-            pl = licenses.verify(pl_token, public_key, licenses.PL_TYPE)
-            recorded = clusters.content_row(conn, pl["pl_id"])
+            claims = licenses.verify(pl_token, public_key, licenses.PL_TYPE)
+            recorded = clusters.content_row(conn, claims["pl_id"])
             if recorded is None:
-                raise NotFoundError(f"publishing license {pl['pl_id']} is not in this cluster's content registry")
-            if pl["key_id"] != key_id:
+                raise NotFoundError(f"publishing license {claims['pl_id']} is not in this cluster's content registry")
+            if claims["key_id"] != key_id:
                 raise InvalidRequestError("the publishing license wraps its content key to another key than its signer")
             if key_row.status == "compromised":
                 raise RevokedError(_revoked_content_message(recorded, key_row))
-            pl_key = self.load_key(conn, key_id)
-            # A rotation may have retired the key this node signs with since it last read the cluster.
-            rotated = clusters.key_statuses(conn, [state.active.key_id]).get(state.active.key_id) != "active"
-        if rotated:
-            state = self.state(refresh=True)
-            rac = self._trusted_rac(state, rac_pem, now)
-        rights = licenses.granted_rights(pl, user.subject, list(user.groups))
-        if not rights:
-            raise ForbiddenError(f"{user.subject} holds no rights to content {pl['content_id']}")
-        content_key = licenses.unwrap_content_key(pl["wrapped_key"], pl_key)
-        ul = licenses.issue_ul(
-            state.active, state.row.name, pl, user.subject, rights, rac.public_key(), pki.serial_hex(rac), content_key,
-            now,
-        )
-        return {"ul": ul, "content_id": pl["content_id"], "rights": rights}
+        verified = VerifiedPl(claims)
+        self.pls.put(digest, verified, time.time() + PL_CACHE_SECONDS)
+        return verified
 
-    def _trusted_rac(self, state: ClusterState, rac_pem: str, now: datetime):
+    def _trusted_rac(self, state: ClusterState, rac_pem: str, now: datetime) -> "VerifiedRac":
+        """A RAC issued by a root SLC this cluster trusts, valid now: its signature and subject checked once
+        per RAC, until it expires; whether its root SLC is still trusted the caller reads on every request."""
+        digest = caches.digest(rac_pem)
+        found = self.racs.get(digest)
+        if found is not None:
+            return found
         try:
             rac = pki.load_pem(rac_pem)
         except ValueError:
             raise InvalidRequestError("rac is not a PEM certificate") from None
-        def trusted(anchors):
-            return any(pki.verify_issued_by(rac, slc, now) for slc in anchors)
+
+        def issuer(anchors):
+            return next((key_id for key_id, slc in anchors if pki.verify_issued_by(rac, slc, now)), None)
 
         # Not trusted by what this node read a moment ago: read again (at most once a second, however
         # many untrusted RACs arrive), an import may have added trust.
-        if not trusted(state.trusted_slcs) and not trusted(self.state(max_age=1.0).trusted_slcs):
+        issuer_key_id = issuer(state.trusted_slcs) or issuer(self.state(max_age=1.0).trusted_slcs)
+        if issuer_key_id is None:
             raise ForbiddenError("the RAC was not issued by this deployment's root cluster or has expired")
-        return rac
+        verified = VerifiedRac(rac, pki.rac_subject(rac), pki.serial_hex(rac), issuer_key_id,
+                               RSAKey.import_key(rac.public_key()))  # type: ignore[arg-type]  # RSA: its issuer checked
+        self.racs.put(digest, verified, rac.not_valid_after_utc.timestamp())
+        return verified
 
     @staticmethod
     def _refuse_if_decommissioned(state: ClusterState, what: str) -> None:

@@ -1,7 +1,12 @@
 """The HTTP layer of one node (FastAPI under uvicorn): the operations of rmsd.node as the contract in
 rmsd.contract publishes them, every error as a problem document, the limits of rmsd.limits first."""
 
+import contextlib
 import logging
+import os
+import signal
+import socket
+import sys
 import threading
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -13,7 +18,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rmsd import __version__, contract, db, limits
-from rmsd.config import NodeConfig, check_tls_paths, load_tls_files
+from rmsd.config import NodeConfig, check_tls_paths, load_tls_files, worker_count
 from rmsd.contract import (
     CertificationRequest,
     Enrollment,
@@ -61,17 +66,23 @@ PROBLEM_KINDS = {
 }
 
 
-def create_app(config: NodeConfig) -> FastAPI:
+def create_app(config: NodeConfig, heartbeat: bool = True) -> FastAPI:
+    """The node's application; `heartbeat`: this process records the node's heartbeats (one worker of
+    several does)."""
     node = Node(config)
     bearer = HTTPBearer(auto_error=False)
 
     @asynccontextmanager
     async def lifespan(_app):
         node.state()  # fail at start, not at the first request, when the key or database is unusable
-        node.beat()
-        thread = threading.Thread(target=node.heartbeat_loop, name="heartbeat", daemon=True)
-        thread.start()
+        if heartbeat:
+            node.beat()
+            thread = threading.Thread(target=node.heartbeat_loop, name="heartbeat", daemon=True)
+            thread.start()
         yield
+        # What the verify-once caches answered over this process's life (uvicorn owns the logging set-up
+        # by now: straight to stderr, as its own lines are).
+        print(f"rmsd: pid {os.getpid()} caches: {'; '.join(node.cache_stats())}", file=sys.stderr, flush=True)
         node.stop()
 
     # No /docs or /redoc: their pages load scripts from a CDN, blank on an offline network. /openapi.json is
@@ -196,19 +207,146 @@ def check_tls(config: NodeConfig) -> dict:
 
 
 def serve(config: NodeConfig) -> None:
-    import uvicorn
-
+    """Run the node: one worker process in the foreground, or (config.workers, default one per core)
+    several forked from this one on one listening socket."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     tls = check_tls(config)
-    app = create_app(config)
+    workers = worker_count(config)
+    if workers == 1:
+        _serve_worker(config, tls)
+    else:
+        _supervise(config, tls, workers)
+
+
+def _started_app(config: NodeConfig, heartbeat: bool = True) -> FastAPI:
+    app = create_app(config, heartbeat)
     try:
         # Refuse to start, with the reason, when the key or the database is unusable.
         app.state.node.state()
     except sa.exc.SQLAlchemyError as err:
         raise db.connect_error(err, config.database_url) from None
-    log.info("serving %s", config.url)
-    uvicorn.run(app, host=config.listen_address, port=config.port, log_level="info", timeout_graceful_shutdown=10,
-                **uvicorn_limits(config), **tls)
+    return app
+
+
+def _serve_worker(config: NodeConfig, tls: dict, sock: socket.socket | None = None, ready=None,
+                  heartbeat: bool = True) -> None:
+    import uvicorn
+
+    app = _started_app(config, heartbeat)
+    if ready is not None:
+        ready()
+    else:
+        log.info("serving %s", config.url)
+    server_config = uvicorn.Config(app, host=config.listen_address, port=config.port, log_level="info",
+                                   timeout_graceful_shutdown=10, **uvicorn_limits(config), **tls)
+    server = uvicorn.Server(server_config)
+    server.run(sockets=[sock] if sock is not None else None)
+    if not server.started:  # the port or the start-up failed, and uvicorn said why
+        if sock is None:
+            sys.exit(3)  # as uvicorn.run
+        raise RmsdError("the worker did not start")
+
+
+def _supervise(config: NodeConfig, tls: dict, workers: int) -> None:
+    """Bind the port here, fork `workers` processes that each build the whole node after the fork (their
+    own database pool, PKCS#11 session and caches: nothing of that may cross a fork), and keep them
+    running: a worker that dies is replaced; one that cannot start stops the node with its reason.
+    SIGTERM or SIGINT stop every worker gracefully."""
+    sock = socket.create_server((config.listen_address, config.port),
+                                family=socket.AF_INET6 if ":" in config.listen_address else socket.AF_INET,
+                                reuse_port=False, backlog=2048)
+    sock.set_inheritable(True)
+    children: dict[int, int] = {}  # pid -> worker number
+    stopping = False
+
+    def start(number: int) -> None:
+        ready_r, ready_w = os.pipe()
+        supervisor = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            children.clear()  # its siblings are the supervisor's to stop, not its own
+            _end_with_parent(supervisor)
+            os.close(ready_r)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL)
+            code = 0
+            try:
+                def ready():
+                    os.write(ready_w, b"1")
+                    os.close(ready_w)
+                _serve_worker(config, tls, sock, ready, heartbeat=number == 1)
+            except RmsdError as err:
+                print(f"rmsd: worker {number}: {err}", file=sys.stderr)
+                code = 2
+            except BaseException:  # noqa: BLE001 (a worker never returns into the supervisor's code)
+                log.exception("worker %d failed", number)
+                code = 1
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        os.close(ready_w)
+        with os.fdopen(ready_r, "rb") as pipe:
+            started = pipe.read(1) == b"1"  # empty: the worker exited before it was ready
+        if not started:
+            _, status = os.waitpid(pid, 0)
+            stop_all()
+            raise RmsdError(f"worker {number} could not start (exit status {os.waitstatus_to_exitcode(status)}); "
+                            "its reason is above")
+        children[pid] = number
+        log.info("worker %d (pid %d) started", number, pid)
+        if stopping:  # asked to stop while this worker started
+            os.kill(pid, signal.SIGTERM)
+
+    def stop_all() -> None:
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in list(children):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+            children.pop(pid, None)
+
+    def on_signal(_signum, _frame):
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        for number in range(1, workers + 1):
+            if not stopping:
+                start(number)
+        log.info("serving %s with %d workers", config.url, workers)
+        while children:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            number = children.pop(pid, 0)
+            if not number or stopping:
+                continue
+            log.warning("worker %d (pid %d) exited (status %d); starting another", number, pid,
+                        os.waitstatus_to_exitcode(status))
+            start(number)
+    finally:
+        stop_all()
+        sock.close()
+
+
+def _end_with_parent(supervisor: int) -> None:
+    """Linux: this worker gets SIGTERM when the supervisor dies, however it dies (SIGKILL included), so no
+    worker is left holding the port."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != supervisor:  # it died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def uvicorn_limits(config: NodeConfig) -> dict:

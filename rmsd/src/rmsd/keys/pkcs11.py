@@ -177,12 +177,13 @@ class TokenKey(ClusterKey):
         self.key_id = key_id_of(public_key)
         self.wrap_alg = wrap_alg
         self._token_label = token_label
+        self._jose = _TokenJoseKey(self._private, self.key_id)
 
     def sign_certificate(self, builder: x509.CertificateBuilder) -> x509.Certificate:
         return builder.sign(self._private, hashes.SHA256())
 
     def jose_key(self):
-        return _TokenJoseKey(self._private, self.key_id)
+        return self._jose
 
     def sign(self, data):
         return self._private.sign(data, padding.PKCS1v15(), hashes.SHA256())

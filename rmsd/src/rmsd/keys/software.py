@@ -16,14 +16,17 @@ class SoftwareKey(ClusterKey):
         self._private_key = private_key
         self.public_key = private_key.public_key()
         self.key_id = key_id_of(self.public_key)
+        self._jose = None
 
     def sign_certificate(self, builder):
         return builder.sign(self._private_key, hashes.SHA256())
 
     def jose_key(self):
-        from joserfc.jwk import RSAKey
+        if self._jose is None:  # made once: importing a private key costs more than signing with it
+            from joserfc.jwk import RSAKey
 
-        return RSAKey.import_key(self._private_key, {"kid": self.key_id})
+            self._jose = RSAKey.import_key(self._private_key, {"kid": self.key_id})
+        return self._jose
 
     def sign(self, data):
         return self._private_key.sign(data, padding.PKCS1v15(), hashes.SHA256())
