@@ -79,11 +79,11 @@ def seed(url: str, password: str | None, start: int, stop: int, owners: int, bat
 def child(task: dict) -> None:
     """Run one ensure_compromise_report call; print its time, peak RSS and facts as JSON."""
     args = task["args"]
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     done = admin.ensure_compromise_report(**args)
-    seconds = time.perf_counter() - began
+    seconds, cpu = time.perf_counter() - began, time.process_time() - cpu
     peak_kb = peak_rss_kb()
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_kb / 1024, "changed": done.changed,
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mb": peak_kb / 1024, "changed": done.changed,
                       "notified": done.facts["notified"], "pending": done.facts["report"]["pending"],
                       "owner_count": done.facts["report"]["owner_count"]}))
 
@@ -130,8 +130,8 @@ def smtp_server(address: str, port: int) -> None:
     print("ready", flush=True)
     try:
         for line in sys.stdin:
-            if line.strip() == "count":
-                print(handler.count, flush=True)
+            if line.strip() == "count":  # messages accepted, and the CPU seconds this server has used
+                print(handler.count, time.process_time(), flush=True)
     finally:
         controller.stop()
 
@@ -146,10 +146,11 @@ def running_smtp(address: str):
     try:
         assert proc.stdout.readline().strip() == "ready"
 
-        def count() -> int:
+        def count() -> tuple[int, float]:
             proc.stdin.write("count\n")
             proc.stdin.flush()
-            return int(proc.stdout.readline())
+            messages, cpu = proc.stdout.readline().split()
+            return int(messages), float(cpu)
 
         yield port, count
     finally:
@@ -192,13 +193,15 @@ def run_size(kind: str, url: str, password: str | None, size: int, owners: int, 
         dry = measure({**notify, "smtp_port": 25, "notify_dry_run": True})
         row.update(dry_run_notices=dry["notified"], dry_run_seconds=dry["seconds"])
         with running_smtp(smtp_address) as (port, count):
+            _, server_cpu_before = count()
             sent = measure({**notify, "smtp_port": port})
-            received = count()
+            received, server_cpu = count()
             rerun = measure({**notify, "smtp_port": port})
-            assert count() == received and rerun["notified"] == 0 and not rerun["changed"], rerun
+            assert count()[0] == received and rerun["notified"] == 0 and not rerun["changed"], rerun
         assert sent["notified"] == received == owners, (sent, received)
         row.update(notices=sent["notified"], notices_seconds=sent["seconds"],
                    notices_per_second=sent["notified"] / sent["seconds"], notices_peak_rss_mb=sent["peak_rss_mb"],
+                   notices_cpu_seconds=sent["cpu_seconds"], smtp_server_cpu_seconds=server_cpu - server_cpu_before,
                    notices_rerun_seconds=rerun["seconds"])
     return row
 
@@ -214,13 +217,17 @@ def show(row: dict) -> None:
         print(f"  notices       {row['notices']:,} sent over SMTP in {row['notices_seconds']:.1f} s "
               f"({row['notices_per_second']:.0f}/s, peak RSS {row['notices_peak_rss_mb']:.1f} MB); "
               f"rerun sends none in {row['notices_rerun_seconds']:.2f} s")
+        print(f"                CPU: {row['notices_cpu_seconds']:.1f} s in the notifying process, "
+              f"{row['smtp_server_cpu_seconds']:.1f} s in the SMTP server's")
+    print("  load average (1, 5, 15 min) before: {:.2f} {:.2f} {:.2f}, after: {:.2f} {:.2f} {:.2f}".format(
+        *row["load_before"], *row["load_after"]))
     sys.stdout.flush()
 
 
 def run(opts) -> int:
     sizes = [int(s) for s in opts.sizes.split(",")]
     print(f"{platform.node()}: {os.cpu_count()} CPUs, Python {platform.python_version()}, SQLAlchemy "
-          f"{sa.__version__}; load average {os.getloadavg()[0]:.2f}; an interpreter with rmsd.admin imported "
+          f"{sa.__version__}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; an interpreter with rmsd.admin imported "
           f"peaks at {baseline_rss():.1f} MB RSS")
     results = []
     with tempfile.TemporaryDirectory(prefix="rms-compromise-bench-") as tmp:
@@ -236,9 +243,10 @@ def run(opts) -> int:
                             pg = _pgserver().PostgresServer()
                             pg.__enter__()
                         url, password = pg.create_database(f"bench_{size}"), pg.password
+                    load_before = os.getloadavg()
                     row = run_size(kind, url, password, size, opts.owners, work, opts.smtp_address,
                                    size == sizes[-1] and not opts.no_notices, opts.notify_rate)
-                    row["load_average"] = os.getloadavg()[0]
+                    row.update(load_before=load_before, load_after=os.getloadavg())
                     show(row)
                     results.append(row)
         finally:

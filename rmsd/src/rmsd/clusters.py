@@ -540,13 +540,18 @@ def content_of_owners(conn: sa.Connection, cluster_id: int, owners: list[str]) -
     return list(conn.execute(query))
 
 
+# Built once: they run once per notice, tens of thousands of times a run.
+_NOTICE_SENT = sa.select(owner_notices.c.id).where(
+    owner_notices.c.cluster_id == sa.bindparam("cluster_id"), owner_notices.c.owner == sa.bindparam("owner"),
+    owner_notices.c.key_id == sa.bindparam("key_id"))
+_RECORD_NOTICE = owner_notices.insert()
+
+
 def notice_sent(conn: sa.Connection, cluster_id: int, owner: str, key_id: str) -> bool:
-    query = sa.select(owner_notices.c.id).where(owner_notices.c.cluster_id == cluster_id,
-                                                owner_notices.c.owner == owner, owner_notices.c.key_id == key_id)
-    return conn.execute(query).first() is not None
+    found = conn.execute(_NOTICE_SENT, {"cluster_id": cluster_id, "owner": owner, "key_id": key_id}).first()
+    return found is not None
 
 
 def record_notice(conn, cluster_id: int, owner: str, key_id: str, items: int, channel: str, now) -> None:
-    conn.execute(owner_notices.insert().values(
-        cluster_id=cluster_id, owner=owner, key_id=key_id, items=items, channel=channel, sent_at=now,
-    ))
+    conn.execute(_RECORD_NOTICE, {"cluster_id": cluster_id, "owner": owner, "key_id": key_id, "items": items,
+                                  "channel": channel, "sent_at": now})

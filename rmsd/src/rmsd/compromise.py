@@ -8,15 +8,15 @@ import io
 import json
 import logging
 import os
+import re
 import smtplib
 import ssl
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from email.charset import QP, Charset
+from email import quoprimime
 from email.header import Header
-from email.message import Message
 from email.utils import formatdate, make_msgid
 from pathlib import Path
 from typing import Any
@@ -270,20 +270,51 @@ class Smtp:
     timeout: float = 30.0
 
 
-_UTF8 = Charset("utf-8")
-_UTF8.body_encoding = QP  # a body still readable as it travels
+@dataclass
+class Notice:
+    """One notice, ready to send: its envelope and the message as RFC 5322 text ("\\n" line ends; smtplib
+    sends CRLF)."""
+
+    sender: str
+    to: str
+    message_id: str
+    text: str
+
+    @property
+    def international(self) -> bool:
+        """Non-ASCII addresses: the message travels as UTF-8 (SMTPUTF8)."""
+        return not self.text.isascii()
+
+    def wire(self) -> bytes:
+        """The message as SMTP's DATA carries it: CRLF line ends (smtplib adds the dot stuffing)."""
+        return _EOL.sub("\r\n", self.text).encode()
 
 
-def message(sender: str, owner: str, subject: str, body: str) -> Message:
-    """A plain text message. Built with the email package's compat32 classes: thousands of notices are
-    rendered a run, and its header registry costs more than the rest of a notice."""
-    msg = Message()
-    msg["From"], msg["To"] = sender, owner
-    msg["Subject"] = subject if subject.isascii() else Header(subject, "utf-8").encode()
-    msg["Date"] = formatdate(localtime=False)
-    msg["Message-ID"] = make_msgid(domain=sender.rpartition("@")[2] or None)
-    msg.set_payload(body, "us-ascii" if body.isascii() else _UTF8)
-    return msg
+_EOL = re.compile(r"\r\n|\n|\r")
+
+
+def _header(name: str, value: str) -> str:
+    """`name: value`, RFC 2047 encoded and folded when it is not short ASCII."""
+    if value.isascii() and len(name) + len(value) < 76:
+        return f"{name}: {value}"
+    return f"{name}: " + Header(value, "us-ascii" if value.isascii() else "utf-8", header_name=name).encode()
+
+
+def message(sender: str, owner: str, subject: str, body: str) -> Notice:
+    """A plain text message, written out directly: tens of thousands are built a run, and the email
+    package's generator and address parsing cost more than the rest of a notice."""
+    for what, value in (("sender", sender), ("owner", owner), ("subject", subject)):
+        if "\r" in value or "\n" in value:
+            raise RmsdError(f"the notice's {what} {value!r} holds a line break")
+    message_id = make_msgid(domain=sender.rpartition("@")[2] or None)
+    if body.isascii():
+        encoding = 'Content-Type: text/plain; charset="us-ascii"\nContent-Transfer-Encoding: 7bit'
+    else:  # quoted-printable keeps the body readable as it travels
+        encoding = 'Content-Type: text/plain; charset="utf-8"\nContent-Transfer-Encoding: quoted-printable'
+        body = quoprimime.body_encode(body.encode().decode("latin-1"))
+    headers = (f"From: {sender}", f"To: {owner}", _header("Subject", subject), f"Date: {formatdate(localtime=False)}",
+               f"Message-ID: {message_id}", "MIME-Version: 1.0", encoding)
+    return Notice(sender, owner, message_id, "\n".join(headers) + "\n\n" + body)
 
 
 class Outbox:
@@ -294,9 +325,9 @@ class Outbox:
     def __init__(self, folder: str):
         self.folder = Path(folder)
 
-    def send(self, msg: Message) -> None:
-        name = msg["To"].replace("/", "_") + "-" + msg["Message-ID"].strip("<>").split("@")[0] + ".eml"
-        write_atomic(self.folder / name, msg.as_string(), 0o600)
+    def send(self, notice: Notice) -> None:
+        name = notice.to.replace("/", "_") + "-" + notice.message_id.strip("<>").split("@")[0] + ".eml"
+        write_atomic(self.folder / name, notice.text, 0o600)
 
     def close(self) -> None:
         pass
@@ -326,28 +357,29 @@ class SmtpConnection:
         self.connections += 1
         return server
 
-    def send(self, msg: Message) -> None:
+    def send(self, notice: Notice) -> None:
         for attempt in (1, 2):
             try:
                 if self.server is None:
                     self.server = self._open()
-                self.server.send_message(msg)
+                self.server.sendmail(notice.sender, [notice.to], notice.wire(),
+                                     mail_options=["SMTPUTF8"] if notice.international else ())
                 return
             except (smtplib.SMTPServerDisconnected, OSError) as err:
                 self._drop()
                 if attempt == 2:
-                    raise self._error(msg, err) from None
+                    raise self._error(notice, err) from None
             except smtplib.SMTPResponseException as err:
                 self._drop()
                 if err.smtp_code != 421 or attempt == 2:  # 421: the server closes the connection; open another
-                    raise self._error(msg, err) from None
+                    raise self._error(notice, err) from None
             except smtplib.SMTPException as err:
                 self._drop()
-                raise self._error(msg, err) from None
+                raise self._error(notice, err) from None
 
-    def _error(self, msg: Message, err: Exception) -> RmsdError:
+    def _error(self, notice: Notice, err: Exception) -> RmsdError:
         return RmsdError(
-            f"cannot send the notice to {msg['To']} through SMTP server {self.smtp.host}:{self.smtp.port}: "
+            f"cannot send the notice to {notice.to} through SMTP server {self.smtp.host}:{self.smtp.port}: "
             f"{type(err).__name__}: {err}. The owners not reached yet are notified on the next run."
         )
 
