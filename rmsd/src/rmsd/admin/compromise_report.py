@@ -23,20 +23,24 @@ NAMED = 10  # owners named in the returned facts and the diff; the counts cover 
 def ensure_compromise_report(
     *, cluster, database_url, database_password=None, json_path=None, csv_path=None, notify=False,
     sender=None, outbox_dir=None, smtp_host=None, smtp_port=25, smtp_starttls=False, smtp_username=None,
-    smtp_password=None, template_dir=None, notify_rate=0, notify_dry_run=False,
+    smtp_password=None, template_dir=None, notify_rate=0, notify_dry_run=False, progress_path=None,
     progress: Callable[[dict], None] | None = None, check_mode=False,
 ) -> Result:
     """The per-owner report of content under compromised keys, written when it changed: with `json_path` a
     summary (JSON) and the per-owner file beside it (JSON Lines, one owner a line), with `csv_path` one line
     per item. With `notify`, every owner with content still to republish is sent one notice per compromised
     key (over SMTP at `smtp_host`, or into `outbox_dir`), at most `notify_rate` a second, never twice;
-    `notify_dry_run` renders every notice due and sends nothing. `progress` receives the notices' progress."""
+    `notify_dry_run` renders every notice due and sends nothing. The progress of the long steps (rows of the
+    report read, notices sent) goes to `progress` and, as JSON Lines an operator can follow, to `progress_path`
+    (not in check mode)."""
     check_name("cluster", cluster)
     for what, value in (("json_path", json_path), ("csv_path", csv_path), ("outbox_dir", outbox_dir),
-                        ("template_dir", template_dir)):
+                        ("template_dir", template_dir), ("progress_path", progress_path)):
         check_absolute(what, value, required=False)
     if json_path and csv_path and json_path in (csv_path, compromise.owners_path(json_path)):
         raise RmsdError("json_path and csv_path must name different files")
+    if progress_path and progress_path in compromise.report_files(json_path, csv_path):
+        raise RmsdError("progress_path must name a file of its own, not one of the report's")
     try:
         rate = float(notify_rate or 0)
     except (TypeError, ValueError):
@@ -52,6 +56,36 @@ def ensure_compromise_report(
         channel = (compromise.SmtpConnection(compromise.Smtp(smtp_host, int(smtp_port), bool(smtp_starttls),
                                                              smtp_username, smtp_password))
                    if smtp_host else compromise.Outbox(outbox_dir))
+    steps = compromise.ProgressFile(progress_path) if progress_path and not check_mode else None
+    if steps is not None:
+        steps({"step": "started", "cluster": cluster, "notify": bool(notify), "dry_run": bool(notify_dry_run)})
+    try:
+        result = _ensure(cluster, database_url, database_password, json_path, csv_path, notify, sender, channel,
+                         template_dir, rate, notify_dry_run, _fan_out(progress, steps), check_mode)
+    except Exception as err:
+        if steps is not None:
+            steps({"step": "failed", "error": str(err)})
+        raise
+    finally:
+        if steps is not None:
+            steps.close()
+    return result
+
+
+def _fan_out(*receivers) -> Callable[[dict], None] | None:
+    found = [r for r in receivers if r is not None]
+    if not found:
+        return None
+
+    def report(state: dict) -> None:
+        for receiver in found:
+            receiver(state)
+
+    return report
+
+
+def _ensure(cluster, database_url, database_password, json_path, csv_path, notify, sender, channel, template_dir,
+            rate, notify_dry_run, progress, check_mode) -> Result:
     with opened(database_url, database_password) as store:
         def current(conn):
             row = clusters.get_cluster(conn, cluster)
@@ -65,7 +99,8 @@ def ensure_compromise_report(
             raise store.missing(cluster)
         row, keys, due = found  # the notices due: (owner, key id), memory in proportion to owners, not items
         compromised = [{"id": k.id, "compromised_at": k.status_changed_at.isoformat()} for k in keys]
-        summary, stale = _report(store, row.id, cluster, compromised, json_path, csv_path, check_mode)
+        summary, stale = _report(store, row.id, cluster, compromised, json_path, csv_path, check_mode,
+                                 None if check_mode else progress)
         notices = {"notified": 0, "owners": []}
         if notify and due and (not check_mode or notify_dry_run):
             notices = _notify(store, row, compromised, sender, template_dir, channel, rate, notify_dry_run, due,
@@ -77,6 +112,8 @@ def ensure_compromise_report(
         facts = {"report": summary, "notified": notices["notified"], "notified_owners": notices["owners"],
                  "notify_dry_run": bool(notify and notify_dry_run)}
         sends = notices["notified"] if notify and not notify_dry_run else 0
+        if progress is not None:
+            progress({"step": "done", "report_rewritten": bool(stale), "notified": notices["notified"]})
         if not stale and not sends:
             return Result(changed=False, facts=facts)
         diff: dict[str, dict[str, Any]] = {"before": {"files": {}, "notices": 0}, "after": {
@@ -86,31 +123,46 @@ def ensure_compromise_report(
         return Result(changed=True, diff=diff, facts=facts)
 
 
+SUMMARY_FIELDS = ("cluster", "compromised_keys", "pending", "republished", "owner_count", "owners_pending",
+                  "top_owners", "rows_sha256")
+
+
 def _report(store: Store, cluster_id: int, cluster: str, compromised: list[dict], json_path: str | None,
-            csv_path: str | None, check_mode: bool) -> tuple[dict, list[str]]:
-    """(summary, files rewritten): the rows are read once when the report is new or written without a
-    digest; when the files are there, first only to digest them, and a second time to write them if changed."""
+            csv_path: str | None, check_mode: bool, progress=None) -> tuple[dict, list[str]]:
+    """(summary, files rewritten). A rerun asks the database only for the rows' revision (a count and a sum,
+    clusters.affected_revision): when the summary kept beside the report was written at that revision, for
+    these compromised keys, and every file is there with its mode, nothing is read or written and the kept
+    summary is the answer. Otherwise the rows are streamed into the files once."""
     files = compromise.report_files(json_path, csv_path)
 
+    total: int | None = None
+
     def rows(conn) -> compromise.Rows:
-        return compromise.Rows(cluster, compromised, clusters.affected_rows(conn, cluster_id))
+        streamed = clusters.affected_rows(conn, cluster_id)
+        return compromise.Rows(cluster, compromised, compromise.counting(streamed, progress, total))
 
     def counted(conn) -> dict:
         found = rows(conn)
         found.drain()
         return found.summary(cluster, compromised)
 
-    stored = compromise.stored_digest(json_path, csv_path) if files else None
-    if not files or (stored is not None and all(file_mode(p) == REPORT_MODE for p in files)) or check_mode:
+    if not files:
         summary = store.read(counted)
         assert summary is not None
-        if not files or (summary["rows_sha256"] == stored and all(file_mode(p) == REPORT_MODE for p in files)):
-            return summary, []
-        if check_mode:
-            return summary, files
+        return summary, []
+    revision = store.read(partial(clusters.affected_revision, cluster_id=cluster_id))
+    total = int(revision.split(":")[0]) if revision else None
+    kept = compromise.stored_summary(json_path, csv_path)
+    if (kept is not None and kept.get("rows_revision") == revision and kept.get("cluster") == cluster
+            and kept.get("compromised_keys") == compromised and all(file_mode(p) == REPORT_MODE for p in files)):
+        return {k: kept.get(k) for k in SUMMARY_FIELDS}, []
+    if check_mode:
+        summary = store.read(counted)
+        assert summary is not None
+        return summary, files
 
     def written(conn) -> dict:
-        return compromise.write_report(rows(conn), cluster, compromised, json_path, csv_path, REPORT_MODE)
+        return compromise.write_report(rows(conn), cluster, compromised, json_path, csv_path, REPORT_MODE, revision)
 
     summary = store.read(written)
     assert summary is not None
