@@ -6,6 +6,7 @@ import hmac
 import os
 from collections.abc import Iterator
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -505,12 +506,22 @@ def affected_rows(conn: sa.Connection, cluster_id: int, batch: int = 10000) -> I
     )
     if conn.dialect.name == "postgresql":  # the sort of a million rows fits in memory instead of on disk
         conn.exec_driver_sql("SET LOCAL work_mem = '64MB'")
-    result = conn.execution_options(yield_per=batch).execute(query)
+    # On the driver's cursor: plain tuples, a batch at a time, no row object built for each of a million rows.
+    compiled = query.compile(dialect=conn.dialect)
+    driver = conn.connection.dbapi_connection
+    assert driver is not None
+    if conn.dialect.name == "postgresql":  # a server-side cursor, in the transaction the connection began
+        cursor = driver.cursor(name="rmsd_affected_rows")
+        params: Any = compiled.params
+    else:
+        cursor = driver.cursor()
+        params = tuple(compiled.params[name] for name in compiled.positiontup or ())
     try:
-        for rows in result.partitions():  # a batch of rows at a time: no per-row call into the result
+        cursor.execute(str(compiled), params)
+        while rows := cursor.fetchmany(batch):
             yield from rows
     finally:
-        result.close()
+        cursor.close()
 
 
 def affected_revision(conn: sa.Connection, cluster_id: int) -> str:
