@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
 from rmsd import pki
 from rmsd.errors import RmsdError
@@ -566,18 +567,18 @@ def content_of_owners(conn: sa.Connection, cluster_id: int, owners: list[str]) -
     return list(conn.execute(query))
 
 
-# Built once: they run once per notice, tens of thousands of times a run.
-_NOTICE_SENT = sa.select(owner_notices.c.id).where(
-    owner_notices.c.cluster_id == sa.bindparam("cluster_id"), owner_notices.c.owner == sa.bindparam("owner"),
-    owner_notices.c.key_id == sa.bindparam("key_id"))
-_RECORD_NOTICE = owner_notices.insert()
+# Built once per dialect: it runs once per notice, tens of thousands of times a run.
+_RECORD_NOTICE: dict[str, Any] = {}
 
 
-def notice_sent(conn: sa.Connection, cluster_id: int, owner: str, key_id: str) -> bool:
-    found = conn.execute(_NOTICE_SENT, {"cluster_id": cluster_id, "owner": owner, "key_id": key_id}).first()
-    return found is not None
-
-
-def record_notice(conn, cluster_id: int, owner: str, key_id: str, items: int, channel: str, now) -> None:
-    conn.execute(_RECORD_NOTICE, {"cluster_id": cluster_id, "owner": owner, "key_id": key_id, "items": items,
-                                  "channel": channel, "sent_at": now})
+def record_notice(conn, cluster_id: int, owner: str, key_id: str, items: int, channel: str, now) -> bool:
+    """Record that `owner` was told about `key_id`; False (nothing written) when that is recorded already.
+    A concurrent transaction recording the same notice makes this one wait for its end (the unique index)."""
+    statement = _RECORD_NOTICE.get(conn.dialect.name)
+    if statement is None:
+        insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+        statement = _RECORD_NOTICE[conn.dialect.name] = insert(owner_notices).on_conflict_do_nothing(
+            index_elements=["cluster_id", "owner", "key_id"]).returning(owner_notices.c.id)
+    result = conn.execute(statement, {"cluster_id": cluster_id, "owner": owner, "key_id": key_id, "items": items,
+                                      "channel": channel, "sent_at": now})
+    return result.first() is not None

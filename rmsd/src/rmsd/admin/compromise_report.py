@@ -173,8 +173,8 @@ def _notify(store: Store, row, compromised: list[dict], sender: str, template_di
             rate: float, dry_run: bool, due: list[tuple[str, str]], progress, check_mode: bool,
             limit: int | None = None) -> dict:
     """Render the notices due, owner after owner, and (unless `dry_run`) send each over `channel` and record
-    it in its own transaction as soon as it was accepted: a run killed in the middle leaves at most the notice
-    in flight unrecorded, sent again by the next run."""
+    it in its own transaction, committed as soon as it was accepted: a run killed in the middle leaves at most
+    the notice in flight unrecorded, sent again by the next run."""
     keys = {k["id"]: k for k in compromised}
     cluster_view = {"name": row.name, "intranet_url": row.intranet_url, "extranet_url": row.extranet_url}
     render = compromise.NoticeTemplates(template_dir).render
@@ -182,7 +182,7 @@ def _notify(store: Store, row, compromised: list[dict], sender: str, template_di
     todo = due if limit is None else due[:limit]
     counter = compromise.Progress(len(todo), None if check_mode else progress)
     named: list[str] = []
-    with store.short_writes(row.name) if not dry_run else nullcontext() as transaction:
+    with store.short_writes(row.name, lock=False) if not dry_run else nullcontext() as transaction:
         try:
             for start in range(0, len(todo), OWNERS_PER_BATCH):
                 pairs = todo[start:start + OWNERS_PER_BATCH]
@@ -203,12 +203,14 @@ def _notify(store: Store, row, compromised: list[dict], sender: str, template_di
                     if not dry_run:
                         pace.wait()
                         assert transaction is not None and channel is not None
+                        # The record goes in first and is committed only once the server accepted the notice: a
+                        # failed or killed send rolls it back. A concurrent run recording the same owner and key
+                        # waits on the unique index, then finds it there and sends nothing.
                         with transaction() as conn:
-                            if clusters.notice_sent(conn, row.id, owner, key_id):  # a concurrent run told them
-                                continue
+                            if not clusters.record_notice(conn, row.id, owner, key_id, len(pending),
+                                                          channel.channel, utcnow()):
+                                continue  # a concurrent run told them
                             channel.send(msg)
-                            clusters.record_notice(conn, row.id, owner, key_id, len(pending), channel.channel,
-                                                   utcnow())
                     if len(named) < NAMED and owner not in named:
                         named.append(owner)
                     counter.step()

@@ -54,9 +54,12 @@ class Store:
             raise db.connect_error(err, self.url) from None
 
     @contextmanager
-    def short_writes(self, cluster: str) -> Iterator[Callable[[], AbstractContextManager[sa.Connection]]]:
+    def short_writes(
+        self, cluster: str, lock: bool = True,
+    ) -> Iterator[Callable[[], AbstractContextManager[sa.Connection]]]:
         """One connection for many short write transactions on `cluster`, each locked against concurrent
-        runs (the schema is brought up to date once): yields a function that opens the next one.
+        runs unless `lock` is false (the caller's rows serialize them; SQLite's BEGIN IMMEDIATE always does),
+        the schema brought up to date once: yields a function that opens the next one.
 
         On SQLite the database is switched to write-ahead logging (it stays so) and this connection commits
         without waiting for the disk (synchronous=NORMAL): a commit is then a write into the log, which a
@@ -74,7 +77,8 @@ class Store:
                 @contextmanager
                 def transaction() -> Iterator[sa.Connection]:
                     with conn.begin():
-                        db.lock(conn, cluster)
+                        if lock:
+                            db.lock(conn, cluster)
                         yield conn
 
                 yield transaction
