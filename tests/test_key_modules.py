@@ -199,7 +199,8 @@ def test_compromise_report_four_runs_notifies_each_owner_once(ansible, cluster, 
     report = tmp_path / "reports" / "rms1.json"
     params = {"cluster": cluster["name"], "database_url": cluster["database_url"], "json_path": str(report),
               "csv_path": str(tmp_path / "reports" / "rms1.csv"), "notify": True, "sender": "rms@example.com",
-              "smtp_host": "127.0.0.1", "smtp_port": port, "smtp_username": None}
+              "smtp_host": "127.0.0.1", "smtp_port": port, "smtp_username": None,
+              "progress_path": str(tmp_path / "reports" / "rms1.progress.jsonl")}
 
     def observed():
         return (report.read_text() if report.exists() else None, len(inbox.messages))
@@ -213,6 +214,9 @@ def test_compromise_report_four_runs_notifies_each_owner_once(ansible, cluster, 
     ]
     assert sorted(m["To"] for m in inbox.messages) == ["alice@example.com", "bob@example.com"]
     assert json.loads(report.read_text())["pending"] == 3
+    # the last real run's progress: nothing to read (the rows' revision did not move), nothing to send
+    steps = [json.loads(line) for line in (tmp_path / "reports" / "rms1.progress.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == ["started", "done"] and steps[-1]["notified"] == 0
 
 
 def test_compromise_report_needs_a_sender_and_one_way_to_deliver(ansible, cluster, tmp_path):

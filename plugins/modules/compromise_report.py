@@ -18,8 +18,10 @@ description:
     stays bounded with millions of items) and replaced atomically. With O(json_path) a small summary (counts, the
     owners with most content pending, the rows' sha256) and beside it C(NAME.owners.jsonl) (for
     O(json_path=NAME.json)), JSON Lines with one owner a line and that owner's items; with O(csv_path) one line per
-    item. A rerun reads the rows only to compare their digest with the one the summary (or, without O(json_path),
-    C(CSV.sha256) beside the CSV) holds, and rewrites nothing when they match; the report holds no time of its own.
+    item. The summary (or, without O(json_path), C(CSV.summary.json) beside the CSV) also keeps the revision the rows
+    were at; the database gives a content row a new revision on every insert and update, so a rerun asks it only
+    for a count and a sum of the revisions, reads no row and rewrites nothing when they match (any change to a row
+    the report covers, by rmsd or by hand, changes them); the report holds no time of its own.
   - With O(notify), every owner with content still pending gets one notice per compromised key, rendered from Jinja2
     templates (built in, or C(owner_notice.subject.j2) and C(owner_notice.txt.j2) in O(template_dir)) and sent
     over SMTP (O(smtp_host)) or written to O(outbox_dir) as C(.eml) files (0600). All notices go through one SMTP
@@ -27,6 +29,14 @@ description:
     in the configuration database as soon as the SMTP server accepted it, so a rerun sends nothing twice, a failed
     delivery is retried by the next run, and a run killed in the middle sends at most the one notice in flight again.
   - With O(notify_dry_run), every notice due is rendered and counted, and none is sent or recorded.
+  - On SQLite, sending notices switches the configuration database to write-ahead logging (it stays so), and each
+    notice's record is then committed without waiting for the disk, which a killed run keeps (a power cut may lose
+    the last records, and those owners are told again; the database itself is never damaged).
+  - With O(progress_path), the task's progress goes to that file as JSON Lines, one line per step, each with its
+    C(time) and C(step), which is C(started), C(report) every 100,000 rows read (C(rows), C(rows_total),
+    C(seconds)), C(notices) every 1,000 notices or 10 seconds (C(done), C(due), C(per_second), C(seconds_left)),
+    and last C(done) or C(failed) (C(error)). Follow it with C(tail -f) while the task runs; each run empties it
+    first. Not written in check mode.
   - The module is a thin layer over C(rmsd.admin.ensure_compromise_report); run it where rmsd is importable.
 extends_documentation_fragment:
   - rmsops.rms.attributes
@@ -103,6 +113,11 @@ options:
     type: list
     elements: str
     default: []
+  progress_path:
+    description:
+      - Absolute path of a file (0640) the task writes its progress to while it runs, as JSON Lines. See the
+        description.
+    type: path
   template_dir:
     description:
       - Folder with C(owner_notice.subject.j2) and/or C(owner_notice.txt.j2) that replace the built-in templates.
@@ -130,6 +145,7 @@ EXAMPLES = r"""
     smtp_starttls: true
     smtp_username: rms-notices
     smtp_password: "{{ vault_smtp_password }}"
+    progress_path: /var/lib/rms-reports/corp-compromised.progress.jsonl  # tail -f it while the task runs
   register: compromised
 
 - name: Show what is still to be republished
@@ -217,6 +233,7 @@ def main():
             notify_dry_run=dict(type="bool", default=False),
             expected_compromised_keys=dict(type="list", elements="str", default=[]),
             template_dir=dict(type="path"),
+            progress_path=dict(type="path"),
         ),
         required_if=[("notify", True, ("sender",)), ("notify", True, ("smtp_host", "outbox_dir"), True)],
         mutually_exclusive=[("smtp_host", "outbox_dir")],

@@ -282,7 +282,9 @@ def test_the_report_streams_per_owner_and_a_rerun_compares_the_rows_digest(seede
     # the facts stay small: the top owners by pending, never every owner or item
     top = sorted(pending_per_owner.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
     assert [(o["owner"], o["pending"]) for o in summary["top_owners"]] == top
-    assert json.loads((folder / "c1.json").read_text()) == {**summary, "format": 2, "owners_file": "c1.owners.jsonl"}
+    kept = json.loads((folder / "c1.json").read_text())
+    assert kept == {**summary, "format": 3, "owners_file": "c1.owners.jsonl", "rows_revision": kept["rows_revision"]}
+    assert kept["rows_revision"].startswith(f"{seeded['rows']}:")
     owners = [json.loads(line) for line in (folder / "c1.owners.jsonl").read_text().splitlines()]
     assert [o["owner"] for o in owners] == sorted(pending_per_owner)
     assert {o["owner"]: o["pending"] for o in owners} == pending_per_owner
@@ -294,10 +296,13 @@ def test_the_report_streams_per_owner_and_a_rerun_compares_the_rows_digest(seede
     files = ("c1.json", "c1.owners.jsonl", "c1.csv")
     assert {stat.S_IMODE(os.stat(folder / f).st_mode) for f in files} == {0o640}
 
-    # A rerun that changes nothing reads the rows only to digest them: no file is rewritten.
+    # A rerun that changes nothing asks the database for the rows' revision only: no row is read (no progress
+    # of the report's rows), no file is rewritten, and the summary kept is the answer.
     inodes = {f: os.stat(folder / f).st_ino for f in files}
-    rerun = scale_report(seeded, tmp_path)
+    states = []
+    rerun = scale_report(seeded, tmp_path, progress=states.append)
     assert not rerun.changed and rerun.facts["report"] == summary
+    assert [s["step"] for s in states] == ["done"]
     assert not scale_report(seeded, tmp_path, check_mode=True).changed
     assert {f: os.stat(folder / f).st_ino for f in files} == inodes
     # A file gone or with another mode: rewritten, all of them at once.
@@ -312,11 +317,66 @@ def test_the_report_streams_per_owner_and_a_rerun_compares_the_rows_digest(seede
     assert progressed.facts["report"]["pending"] == summary["pending"] - 1
     assert sorted(p.name for p in folder.iterdir()) == sorted(files)  # no temporary file left behind
 
-    # The CSV alone keeps its digest beside it.
+    # The CSV alone keeps its summary beside it.
     alone = scale_report(seeded, tmp_path, json_path=None, csv_path=str(tmp_path / "csv" / "c1.csv"))
-    assert alone.changed and (tmp_path / "csv" / "c1.csv.sha256").read_text().strip() == (
+    assert alone.changed and json.loads((tmp_path / "csv" / "c1.csv.summary.json").read_text())["rows_sha256"] == (
         progressed.facts["report"]["rows_sha256"])
-    assert not scale_report(seeded, tmp_path, json_path=None, csv_path=str(tmp_path / "csv" / "c1.csv")).changed
+    again = scale_report(seeded, tmp_path, json_path=None, csv_path=str(tmp_path / "csv" / "c1.csv"))
+    assert not again.changed and again.facts["report"] == alone.facts["report"]
+
+
+def run_sql(database, statement, **params):
+    engine = database.engine()
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(statement), params)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("change", [
+    "UPDATE content SET owner = 'owner999@example.com' WHERE content_id = 'doc-003-2'",
+    "UPDATE content SET content_id = 'renamed' WHERE content_id = 'doc-003-2'",
+    "UPDATE content SET created_at = created_at + INTERVAL '1 second' WHERE content_id = 'doc-003-2'",
+    "UPDATE content SET superseded_by = NULL, superseded_at = NULL WHERE content_id = 'doc-000-0'",
+    "DELETE FROM content WHERE content_id = 'doc-003-2'",
+    "INSERT INTO content (pl_id, cluster_id, content_id, owner, key_id, rights, created_at) SELECT "
+    "'f' || substr(pl_id, 2), cluster_id, 'copy', owner, key_id, rights, created_at FROM content "
+    "WHERE content_id = 'doc-003-2'",
+])
+def test_a_rerun_sees_any_change_to_the_reported_rows(seeded, tmp_path, change):
+    """The rerun decides from a count and a sum of revisions the database keeps: whatever changes a row the
+    report covers, by rmsd or by hand, the report is written again and matches the rows."""
+    first = scale_report(seeded, tmp_path)
+    assert first.changed and not scale_report(seeded, tmp_path).changed
+    if seeded["database"].kind == "sqlite":
+        change = change.replace("created_at + INTERVAL '1 second'", "datetime(created_at, '+1 second')")
+    run_sql(seeded["database"], change)
+    again = scale_report(seeded, tmp_path)
+    assert again.changed and again.facts["report"]["rows_sha256"] != first.facts["report"]["rows_sha256"]
+    fresh = scale_report(seeded, tmp_path, json_path=str(tmp_path / "fresh" / "c1.json"),
+                         csv_path=str(tmp_path / "fresh" / "c1.csv"))
+    assert (tmp_path / "fresh" / "c1.csv").read_text() == (tmp_path / "r" / "c1.csv").read_text()
+    assert fresh.facts["report"] == again.facts["report"]
+    assert not scale_report(seeded, tmp_path).changed
+
+
+def test_progress_goes_to_a_file_an_operator_can_follow(seeded, tmp_path, counting_smtp):
+    controller, inbox = counting_smtp
+    path = tmp_path / "progress" / "c1.progress.jsonl"
+    smtp = {"notify": True, "sender": SENDER, "smtp_host": "127.0.13.1", "smtp_port": controller.port}
+    scale_report(seeded, tmp_path, progress_path=str(path), **smtp)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["step"] for line in lines] == ["started", "report", "notices", "done"]
+    assert lines[1]["rows"] == lines[1]["rows_total"] == seeded["rows"]
+    assert lines[2]["done"] == lines[2]["due"] == len(PENDING_OWNERS) and lines[2]["seconds_left"] == 0
+    assert lines[3]["notified"] == len(PENDING_OWNERS) and all("time" in line for line in lines)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    # each run starts the file afresh; a failed run says why on its last line
+    with pytest.raises(RmsdError, match="does not exist"):
+        scale_report(seeded, tmp_path, progress_path=str(path), cluster="c9", **smtp)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["step"] for line in lines] == ["started", "failed"] and "'c9' does not exist" in lines[-1]["error"]
 
 
 class Counting(Inbox):
@@ -381,7 +441,8 @@ def test_notices_go_over_one_connection_with_a_dry_run_first(seeded, tmp_path, c
     assert sent.facts["notified_owners"] == PENDING_OWNERS[:10]
     assert sorted(m["To"] for m in inbox.messages) == PENDING_OWNERS  # each once, the refused one sent again
     assert len(inbox.peers) == 2  # one connection, opened again once after the server closed it
-    assert states[-1]["done"] == states[-1]["due"] == len(PENDING_OWNERS)
+    notices = [state for state in states if state["step"] == "notices"]
+    assert notices[-1]["done"] == notices[-1]["due"] == len(PENDING_OWNERS)
     owner1 = next(m for m in inbox.messages if m["To"] == "owner001@example.com").get_content()
     assert "doc-001-0" in owner1 and "doc-001-1" in owner1 and "doc-002" not in owner1
     assert scale_report(seeded, tmp_path, **smtp).facts["notified"] == 0

@@ -6,8 +6,10 @@ import hmac
 import os
 from collections.abc import Iterator, Sequence
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
 from rmsd import pki
 from rmsd.errors import RmsdError
@@ -521,8 +523,8 @@ def _iso_text(conn: sa.Connection, column) -> sa.ColumnElement:
     return sa.func.to_char(sa.func.timezone("UTC", column), 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')
 
 
-def affected_rows(conn: sa.Connection, cluster_id: int, batch: int = 5000,
-                  also: Sequence[str] = ()) -> Iterator[sa.Row]:
+def affected_rows(conn: sa.Connection, cluster_id: int, batch: int = 10000,
+                  also: Sequence[str] = ()) -> Iterator[tuple]:
     """Every content item published under a compromised key of the cluster, in owner order, streamed
     `batch` rows at a time (a server-side cursor on PostgreSQL): rows of (owner, content_id, pl_id, key_id,
     published_at, republished_as, republished_at), the times as ISO 8601 text; `republished_as` set: its
@@ -534,11 +536,37 @@ def affected_rows(conn: sa.Connection, cluster_id: int, batch: int = 5000,
         .where(content.c.cluster_id == cluster_id, content.c.key_id.in_(_compromised_key_ids(cluster_id, also)))
         .order_by(content.c.owner, content.c.content_id, content.c.created_at, content.c.pl_id)
     )
-    result = conn.execution_options(yield_per=batch).execute(query)
+    if conn.dialect.name == "postgresql":  # the sort of a million rows fits in memory instead of on disk
+        conn.exec_driver_sql("SET LOCAL work_mem = '64MB'")
+    # On the driver's cursor: plain tuples, a batch at a time, no row object built for each of a million rows.
+    # render_postcompile: the IN list of `also` becomes plain parameters the driver takes.
+    compiled = query.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+    driver = conn.connection.dbapi_connection
+    assert driver is not None
+    if conn.dialect.name == "postgresql":  # a server-side cursor, in the transaction the connection began
+        cursor = driver.cursor(name="rmsd_affected_rows")
+        params: Any = compiled.params
+    else:
+        cursor = driver.cursor()
+        params = tuple(compiled.params[name] for name in compiled.positiontup or ())
     try:
-        yield from result
+        cursor.execute(str(compiled), params)
+        while rows := cursor.fetchmany(batch):
+            yield from rows
     finally:
-        result.close()
+        cursor.close()
+
+
+def affected_revision(conn: sa.Connection, cluster_id: int, also: Sequence[str] = ()) -> str:
+    """What the rows `affected_rows` streams are at, in one aggregate read (no row leaves the database):
+    their count, how many carry a revision, and the sum and highest of those revisions. The database gives a
+    row a new, higher revision on every insert and update (migration 0005), so an insert or a change of any
+    of these rows changes the count or the sum, and a row deleted the count or the sum."""
+    revision = content.c.revision
+    query = sa.select(sa.func.count(), sa.func.count(revision), sa.func.coalesce(sa.func.sum(revision), 0),
+                      sa.func.coalesce(sa.func.max(revision), 0)).where(
+        content.c.cluster_id == cluster_id, content.c.key_id.in_(_compromised_key_ids(cluster_id, also)))
+    return ":".join(str(int(value)) for value in conn.execute(query).one())
 
 
 def _due(cluster_id: int, also: Sequence[str] = ()):
@@ -571,13 +599,18 @@ def content_of_owners(conn: sa.Connection, cluster_id: int, owners: list[str]) -
     return list(conn.execute(query))
 
 
-def notice_sent(conn: sa.Connection, cluster_id: int, owner: str, key_id: str) -> bool:
-    query = sa.select(owner_notices.c.id).where(owner_notices.c.cluster_id == cluster_id,
-                                                owner_notices.c.owner == owner, owner_notices.c.key_id == key_id)
-    return conn.execute(query).first() is not None
+# Built once per dialect: it runs once per notice, tens of thousands of times a run.
+_RECORD_NOTICE: dict[str, Any] = {}
 
 
-def record_notice(conn, cluster_id: int, owner: str, key_id: str, items: int, channel: str, now) -> None:
-    conn.execute(owner_notices.insert().values(
-        cluster_id=cluster_id, owner=owner, key_id=key_id, items=items, channel=channel, sent_at=now,
-    ))
+def record_notice(conn, cluster_id: int, owner: str, key_id: str, items: int, channel: str, now) -> bool:
+    """Record that `owner` was told about `key_id`; False (nothing written) when that is recorded already.
+    A concurrent transaction recording the same notice makes this one wait for its end (the unique index)."""
+    statement = _RECORD_NOTICE.get(conn.dialect.name)
+    if statement is None:
+        insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+        statement = _RECORD_NOTICE[conn.dialect.name] = insert(owner_notices).on_conflict_do_nothing(
+            index_elements=["cluster_id", "owner", "key_id"]).returning(owner_notices.c.id)
+    result = conn.execute(statement, {"cluster_id": cluster_id, "owner": owner, "key_id": key_id, "items": items,
+                                      "channel": channel, "sent_at": now})
+    return result.first() is not None

@@ -8,18 +8,18 @@ import io
 import json
 import logging
 import os
+import re
 import smtplib
 import ssl
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from email.charset import QP, Charset
+from datetime import UTC, datetime
+from email import quoprimime
 from email.header import Header
-from email.message import Message
 from email.utils import formatdate, make_msgid
 from pathlib import Path
-from typing import Any
 
 import jinja2
 
@@ -34,7 +34,7 @@ TEMPLATES = Path(__file__).parent / "templates"
 NOTICE_TEMPLATES = ("owner_notice.subject.j2", "owner_notice.txt.j2")
 
 
-FORMAT = 2  # the report's layout: a summary JSON, one JSON line per owner, the CSV
+FORMAT = 3  # the report's layout: a summary JSON (with the rows' revision), one JSON line per owner, the CSV
 TOP_OWNERS = 10  # the owners with most content pending, named in the summary
 
 
@@ -71,27 +71,40 @@ class Rows:
             update(line.encode() + b"\n")
             yield fields, line
 
-    def owners(self) -> Iterator[tuple[dict, list[str]]]:
-        """Per owner (in owner order): (owner, pending, republished and the content items; the CSV lines),
-        counting as it goes."""
-        entry: dict[str, Any] | None = None
+    def owners(self) -> Iterator[tuple[str, list[str]]]:
+        """Per owner (in owner order): (its JSON line: owner, pending, republished and the content items; its
+        CSV lines), counting as it goes. One loop over millions of rows: an item's JSON is written out
+        directly when no field needs escaping, which is the rule (json.dumps otherwise)."""
+        owner: str | None = None
+        items: list[str] = []
         lines: list[str] = []
+        pending = republished = 0
         for fields, line in self:
-            if entry is None or entry["owner"] != fields[0]:
-                if entry is not None:
-                    yield self._counted(entry), lines
-                entry, lines = {"owner": fields[0], "pending": 0, "republished": 0, "content": []}, []
-            entry[fields[6]] += 1
-            entry["content"].append({"content_id": fields[1], "pl_id": fields[2], "key_id": fields[3],
-                                     "key_compromised_at": fields[4], "published_at": fields[5], "status": fields[6],
-                                     "republished_as": fields[7] or None, "republished_at": fields[8] or None})
+            if fields[0] != owner:
+                if owner is not None:
+                    yield self._owner_line(owner, pending, republished, items), lines
+                owner, pending, republished, items, lines = fields[0], 0, 0, [], []
+            _, content_id, pl_id, key_id, compromised_at, published_at, status, republished_as, republished_at = fields
+            if republished_as:
+                republished += 1
+                again = f'"{republished_as}","republished_at":"{republished_at}"'
+            else:
+                pending += 1
+                again = 'null,"republished_at":null'
+            if "\\" in line or '"' in line or not line.isprintable():
+                items.append(_item_json(fields))
+            else:
+                items.append(f'{{"content_id":"{content_id}","pl_id":"{pl_id}","key_id":"{key_id}",'
+                             f'"key_compromised_at":"{compromised_at}","published_at":"{published_at}",'
+                             f'"status":"{status}","republished_as":{again}}}')
             lines.append(line)
-        if entry is not None:
-            yield self._counted(entry), lines
+        if owner is not None:
+            yield self._owner_line(owner, pending, republished, items), lines
 
-    def _counted(self, entry: dict) -> dict:
-        self._count(entry["owner"], entry["pending"], entry["republished"])
-        return entry
+    def _owner_line(self, owner: str, pending: int, republished: int, items: list[str]) -> str:
+        self._count(owner, pending, republished)
+        return (f'{{"owner":{json.dumps(owner, ensure_ascii=False)},"pending":{pending},'
+                f'"republished":{republished},"content":[{",".join(items)}]}}')
 
     def _count(self, owner: str, pending: int, republished: int) -> None:
         self.owner_count += 1
@@ -132,6 +145,14 @@ class Rows:
         }
 
 
+def _item_json(fields: tuple[str, ...]) -> str:
+    """One item of the per-owner file, through json.dumps (fields that need escaping)."""
+    return json.dumps({"content_id": fields[1], "pl_id": fields[2], "key_id": fields[3],
+                       "key_compromised_at": fields[4], "published_at": fields[5], "status": fields[6],
+                       "republished_as": fields[7] or None, "republished_at": fields[8] or None},
+                      ensure_ascii=False, separators=(",", ":"))
+
+
 def _csv_line(fields: tuple[str, ...]) -> str:
     out = io.StringIO()
     csv.writer(out, lineterminator="\n").writerow(fields)
@@ -161,10 +182,16 @@ class _Temp:
         Path(self.tmp).unlink(missing_ok=True)
 
 
+def summary_path(json_path: str | None, csv_path: str | None) -> str | None:
+    """Where the summary is kept: `json_path`, or without it a file beside the CSV (CSV.summary.json)."""
+    return json_path or (csv_path + ".summary.json" if csv_path else None)
+
+
 def write_report(rows: Rows, cluster: str, compromised: list[dict], json_path: str | None, csv_path: str | None,
-                 mode: int = 0o640) -> dict:
-    """Stream `rows` into the report files, then replace them together: the CSV (one line per item), and with
-    `json_path` the per-owner JSON Lines and last the summary holding the rows' digest. Returns the summary."""
+                 mode: int = 0o640, revision: str | None = None) -> dict:
+    """Stream `rows` into the report files, then replace them together: the CSV (one line per item), with
+    `json_path` the per-owner JSON Lines, and last the summary (`summary_path`) holding the rows' digest and
+    `revision` (what clusters.affected_revision said before the rows were read). Returns the summary."""
     temps: list[_Temp] = []
     try:
         csv_out = jsonl_out = None
@@ -177,18 +204,17 @@ def write_report(rows: Rows, cluster: str, compromised: list[dict], json_path: s
             if csv_out is not None:
                 csv_out.file.write("\n".join(lines) + "\n")
             if jsonl_out is not None:
-                jsonl_out.file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                jsonl_out.file.write(entry + "\n")
         summary = rows.summary(cluster, compromised)
-        if json_path:
-            temps.append(summary_out := _Temp(json_path, mode))
-            summary_out.file.write(render_json({"format": FORMAT, **summary,
-                                                "owners_file": Path(owners_path(json_path)).name}))
-        elif csv_path:  # no summary to keep the digest in: a file beside the CSV
-            temps.append(digest_out := _Temp(csv_path + ".sha256", mode))
-            digest_out.file.write(summary["rows_sha256"] + "\n")
+        kept = summary_path(json_path, csv_path)
+        if kept:
+            temps.append(summary_out := _Temp(kept, mode))
+            summary_out.file.write(render_json({
+                "format": FORMAT, **summary, "rows_revision": revision,
+                **({"owners_file": Path(owners_path(json_path)).name} if json_path else {})}))
         for temp in temps:
             temp.finish()
-        for temp in temps:  # the summary (or the digest) last: until it is replaced, a rerun rewrites them all
+        for temp in temps:  # the summary last: until it is replaced, a rerun rewrites them all
             temp.commit()
         return summary
     finally:
@@ -196,26 +222,21 @@ def write_report(rows: Rows, cluster: str, compromised: list[dict], json_path: s
             temp.discard()
 
 
-def stored_digest(json_path: str | None, csv_path: str | None) -> str | None:
-    """The rows' digest the report files were written with, if they are all there; None otherwise."""
+def stored_summary(json_path: str | None, csv_path: str | None) -> dict | None:
+    """The summary the report files were last written with (this FORMAT), None if there is none."""
+    kept = summary_path(json_path, csv_path)
+    if not kept:
+        return None
     try:
-        if json_path:
-            data = json.loads(Path(json_path).read_text())
-            if not isinstance(data, dict) or data.get("format") != FORMAT:
-                return None
-            digest = data.get("rows_sha256")
-        elif csv_path:
-            digest = Path(csv_path + ".sha256").read_text().strip()
-        else:
-            return None
+        data = json.loads(Path(kept).read_text())
     except (OSError, ValueError):
         return None
-    return digest if isinstance(digest, str) else None
+    return data if isinstance(data, dict) and data.get("format") == FORMAT else None
 
 
 def report_files(json_path: str | None, csv_path: str | None) -> list[str]:
     files = [p for p in (csv_path, json_path and owners_path(json_path), json_path) if p]
-    return files + ([csv_path + ".sha256"] if csv_path and not json_path else [])
+    return files + ([csv_path + ".summary.json"] if csv_path and not json_path else [])
 
 
 def render_json(data: dict) -> str:
@@ -270,20 +291,51 @@ class Smtp:
     timeout: float = 30.0
 
 
-_UTF8 = Charset("utf-8")
-_UTF8.body_encoding = QP  # a body still readable as it travels
+@dataclass
+class Notice:
+    """One notice, ready to send: its envelope and the message as RFC 5322 text ("\\n" line ends; smtplib
+    sends CRLF)."""
+
+    sender: str
+    to: str
+    message_id: str
+    text: str
+
+    @property
+    def international(self) -> bool:
+        """Non-ASCII addresses: the message travels as UTF-8 (SMTPUTF8)."""
+        return not self.text.isascii()
+
+    def wire(self) -> bytes:
+        """The message as SMTP's DATA carries it: CRLF line ends (smtplib adds the dot stuffing)."""
+        return _EOL.sub("\r\n", self.text).encode()
 
 
-def message(sender: str, owner: str, subject: str, body: str) -> Message:
-    """A plain text message. Built with the email package's compat32 classes: thousands of notices are
-    rendered a run, and its header registry costs more than the rest of a notice."""
-    msg = Message()
-    msg["From"], msg["To"] = sender, owner
-    msg["Subject"] = subject if subject.isascii() else Header(subject, "utf-8").encode()
-    msg["Date"] = formatdate(localtime=False)
-    msg["Message-ID"] = make_msgid(domain=sender.rpartition("@")[2] or None)
-    msg.set_payload(body, "us-ascii" if body.isascii() else _UTF8)
-    return msg
+_EOL = re.compile(r"\r\n|\n|\r")
+
+
+def _header(name: str, value: str) -> str:
+    """`name: value`, RFC 2047 encoded and folded when it is not short ASCII."""
+    if value.isascii() and len(name) + len(value) < 76:
+        return f"{name}: {value}"
+    return f"{name}: " + Header(value, "us-ascii" if value.isascii() else "utf-8", header_name=name).encode()
+
+
+def message(sender: str, owner: str, subject: str, body: str) -> Notice:
+    """A plain text message, written out directly: tens of thousands are built a run, and the email
+    package's generator and address parsing cost more than the rest of a notice."""
+    for what, value in (("sender", sender), ("owner", owner), ("subject", subject)):
+        if "\r" in value or "\n" in value:
+            raise RmsdError(f"the notice's {what} {value!r} holds a line break")
+    message_id = make_msgid(domain=sender.rpartition("@")[2] or None)
+    if body.isascii():
+        encoding = 'Content-Type: text/plain; charset="us-ascii"\nContent-Transfer-Encoding: 7bit'
+    else:  # quoted-printable keeps the body readable as it travels
+        encoding = 'Content-Type: text/plain; charset="utf-8"\nContent-Transfer-Encoding: quoted-printable'
+        body = quoprimime.body_encode(body.encode().decode("latin-1"))
+    headers = (f"From: {sender}", f"To: {owner}", _header("Subject", subject), f"Date: {formatdate(localtime=False)}",
+               f"Message-ID: {message_id}", "MIME-Version: 1.0", encoding)
+    return Notice(sender, owner, message_id, "\n".join(headers) + "\n\n" + body)
 
 
 class Outbox:
@@ -294,9 +346,9 @@ class Outbox:
     def __init__(self, folder: str):
         self.folder = Path(folder)
 
-    def send(self, msg: Message) -> None:
-        name = msg["To"].replace("/", "_") + "-" + msg["Message-ID"].strip("<>").split("@")[0] + ".eml"
-        write_atomic(self.folder / name, msg.as_string(), 0o600)
+    def send(self, notice: Notice) -> None:
+        name = notice.to.replace("/", "_") + "-" + notice.message_id.strip("<>").split("@")[0] + ".eml"
+        write_atomic(self.folder / name, notice.text, 0o600)
 
     def close(self) -> None:
         pass
@@ -326,28 +378,29 @@ class SmtpConnection:
         self.connections += 1
         return server
 
-    def send(self, msg: Message) -> None:
+    def send(self, notice: Notice) -> None:
         for attempt in (1, 2):
             try:
                 if self.server is None:
                     self.server = self._open()
-                self.server.send_message(msg)
+                self.server.sendmail(notice.sender, [notice.to], notice.wire(),
+                                     mail_options=["SMTPUTF8"] if notice.international else ())
                 return
             except (smtplib.SMTPServerDisconnected, OSError) as err:
                 self._drop()
                 if attempt == 2:
-                    raise self._error(msg, err) from None
+                    raise self._error(notice, err) from None
             except smtplib.SMTPResponseException as err:
                 self._drop()
                 if err.smtp_code != 421 or attempt == 2:  # 421: the server closes the connection; open another
-                    raise self._error(msg, err) from None
+                    raise self._error(notice, err) from None
             except smtplib.SMTPException as err:
                 self._drop()
-                raise self._error(msg, err) from None
+                raise self._error(notice, err) from None
 
-    def _error(self, msg: Message, err: Exception) -> RmsdError:
+    def _error(self, notice: Notice, err: Exception) -> RmsdError:
         return RmsdError(
-            f"cannot send the notice to {msg['To']} through SMTP server {self.smtp.host}:{self.smtp.port}: "
+            f"cannot send the notice to {notice.to} through SMTP server {self.smtp.host}:{self.smtp.port}: "
             f"{type(err).__name__}: {err}. The owners not reached yet are notified on the next run."
         )
 
@@ -387,8 +440,25 @@ class Pace:
         self.next = now + self.interval
 
 
+def counting(rows: Iterable, progress: Callable[[dict], None] | None, total: int | None,
+             every: int = 100_000) -> Iterator:
+    """`rows`, telling `progress` every `every` rows how many were read (of `total`)."""
+    if progress is None:
+        yield from rows
+        return
+    started, done = time.monotonic(), 0
+    for row in rows:
+        done += 1
+        if done % every == 0:
+            progress({"step": "report", "rows": done, "rows_total": total,
+                      "seconds": round(time.monotonic() - started, 1)})
+        yield row
+    progress({"step": "report", "rows": done, "rows_total": total, "seconds": round(time.monotonic() - started, 1)})
+
+
 class Progress:
-    """Reports (done, due, rate) every `every` notices or `seconds`, and at the end."""
+    """Reports the notices' progress (done, due, rate, seconds left) every `every` notices or `seconds`, and at
+    the end."""
 
     def __init__(self, due: int, report: Callable[[dict], None] | None, every: int = 1000, seconds: float = 10.0):
         self.due, self.report = due, report or _log_progress
@@ -405,8 +475,10 @@ class Progress:
 
     def state(self, now: float | None = None) -> dict:
         elapsed = (now or time.monotonic()) - self.started
-        return {"done": self.done, "due": self.due, "seconds": round(elapsed, 3),
-                "per_second": round(self.done / elapsed, 1) if elapsed > 0 else 0.0}
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        return {"step": "notices", "done": self.done, "due": self.due, "seconds": round(elapsed, 1),
+                "per_second": round(rate, 1),
+                "seconds_left": round((self.due - self.done) / rate) if rate else None}
 
     def finish(self) -> dict:
         state = self.state()
@@ -416,3 +488,22 @@ class Progress:
 
 def _log_progress(state: dict) -> None:
     logging.getLogger("rmsd.compromise").info("owner notices: %(done)d of %(due)d (%(per_second)s a second)", state)
+
+
+class ProgressFile:
+    """Progress an operator can follow while the task runs (`tail -f PATH`): JSON Lines, one line a step, each
+    with the time; the file (0640) is emptied when a run starts and its last line says how the run ended."""
+
+    def __init__(self, path: str, mode: int = 0o640):
+        folder = Path(path).parent
+        folder.mkdir(parents=True, exist_ok=True, mode=0o750)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        os.fchmod(fd, mode)
+        self.file = os.fdopen(fd, "w", encoding="utf-8", buffering=1)  # a line at a time
+
+    def __call__(self, state: dict) -> None:
+        stamp = datetime.now(UTC).isoformat(timespec="seconds")
+        self.file.write(json.dumps({"time": stamp, **state}, ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        self.file.close()

@@ -18,7 +18,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 # The newest migration under migrations/versions. Every module run compares the database with it, so it
 # is a constant rather than read through alembic (whose import and script scan cost a module run a good
 # part of a second); rmsd/tests/test_admin.py checks it is alembic's head.
-HEAD_REVISION = "0004"
+HEAD_REVISION = "0005"
 POOL_SIZE, POOL_OVERFLOW = 16, 24  # per process (worker); PostgreSQL's default max_connections is 100
 
 

@@ -110,6 +110,9 @@ content = sa.Table(
     sa.Column("supersedes", sa.String(40)),
     sa.Column("superseded_by", sa.String(40)),
     sa.Column("superseded_at", UTCDateTime),
+    # Set by the database (migration 0005) on every insert and update, never by rmsd: a count and sum of the
+    # revisions of the rows a report covers change whenever one of those rows does.
+    sa.Column("revision", sa.BigInteger),
     sa.Index("ix_content_key", "key_id"),
     sa.Index("ix_content_owner", "owner"),
 )

@@ -4,7 +4,7 @@ Sized for millions of documents: the report is streamed from one ordered query i
 bounded whatever the row count) and a rerun compares a digest of the rows instead of rendering the report;
 the notices go out over one SMTP connection, each recorded as soon as the server accepted it."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from functools import partial
 from typing import Any
@@ -23,23 +23,28 @@ NAMED = 10  # owners named in the returned facts and the diff; the counts cover 
 def ensure_compromise_report(
     *, cluster, database_url, database_password=None, json_path=None, csv_path=None, notify=False,
     sender=None, outbox_dir=None, smtp_host=None, smtp_port=25, smtp_starttls=False, smtp_username=None,
-    smtp_password=None, template_dir=None, notify_rate=0, notify_dry_run=False, expected_compromised_keys=(),
+    smtp_password=None, template_dir=None, notify_rate=0, notify_dry_run=False, progress_path=None,
+    expected_compromised_keys=(),
     progress: Callable[[dict], None] | None = None, check_mode=False,
 ) -> Result:
     """The per-owner report of content under compromised keys, written when it changed: with `json_path` a
     summary (JSON) and the per-owner file beside it (JSON Lines, one owner a line), with `csv_path` one line
     per item. With `notify`, every owner with content still to republish is sent one notice per compromised
     key (over SMTP at `smtp_host`, or into `outbox_dir`), at most `notify_rate` a second, never twice;
-    `notify_dry_run` renders every notice due and sends nothing. `progress` receives the notices' progress.
-    `expected_compromised_keys` (check mode): keys an earlier step of the same run declares compromised; the
-    report and notices cover them as the real run's will. A real run reads the keys' status only."""
+    `notify_dry_run` renders every notice due and sends nothing. The progress of the long steps (rows of the
+    report read, notices sent) goes to `progress` and, as JSON Lines an operator can follow, to `progress_path`
+    (not in check mode). `expected_compromised_keys` (check mode): keys an earlier step of the same run
+    declares compromised; the report and notices cover them as the real run's will. A real run reads the keys'
+    status only."""
     check_name("cluster", cluster)
     expected = rotation.check_key_ids(expected_compromised_keys) if check_mode else []
     for what, value in (("json_path", json_path), ("csv_path", csv_path), ("outbox_dir", outbox_dir),
-                        ("template_dir", template_dir)):
+                        ("template_dir", template_dir), ("progress_path", progress_path)):
         check_absolute(what, value, required=False)
     if json_path and csv_path and json_path in (csv_path, compromise.owners_path(json_path)):
         raise RmsdError("json_path and csv_path must name different files")
+    if progress_path and progress_path in compromise.report_files(json_path, csv_path):
+        raise RmsdError("progress_path must name a file of its own, not one of the report's")
     try:
         rate = float(notify_rate or 0)
     except (TypeError, ValueError):
@@ -55,6 +60,36 @@ def ensure_compromise_report(
         channel = (compromise.SmtpConnection(compromise.Smtp(smtp_host, int(smtp_port), bool(smtp_starttls),
                                                              smtp_username, smtp_password))
                    if smtp_host else compromise.Outbox(outbox_dir))
+    steps = compromise.ProgressFile(progress_path) if progress_path and not check_mode else None
+    if steps is not None:
+        steps({"step": "started", "cluster": cluster, "notify": bool(notify), "dry_run": bool(notify_dry_run)})
+    try:
+        result = _ensure(cluster, database_url, database_password, json_path, csv_path, notify, sender, channel,
+                         template_dir, rate, notify_dry_run, _fan_out(progress, steps), check_mode, expected)
+    except Exception as err:
+        if steps is not None:
+            steps({"step": "failed", "error": str(err)})
+        raise
+    finally:
+        if steps is not None:
+            steps.close()
+    return result
+
+
+def _fan_out(*receivers) -> Callable[[dict], None] | None:
+    found = [r for r in receivers if r is not None]
+    if not found:
+        return None
+
+    def report(state: dict) -> None:
+        for receiver in found:
+            receiver(state)
+
+    return report
+
+
+def _ensure(cluster, database_url, database_password, json_path, csv_path, notify, sender, channel, template_dir,
+            rate, notify_dry_run, progress, check_mode, expected: list[str]) -> Result:
     with opened(database_url, database_password) as store:
         def current(conn):
             row = clusters.get_cluster(conn, cluster)
@@ -71,7 +106,8 @@ def ensure_compromise_report(
         now = utcnow()
         compromised = [{"id": k.id, "compromised_at": (k.status_changed_at if k.status == "compromised" else now)
                         .isoformat()} for k in keys]
-        summary, stale = _report(store, row.id, cluster, compromised, json_path, csv_path, check_mode, also)
+        summary, stale = _report(store, row.id, cluster, compromised, json_path, csv_path, check_mode,
+                                 None if check_mode else progress, also)
         notices = {"notified": 0, "owners": []}
         if notify and due and (not check_mode or notify_dry_run):
             notices = _notify(store, row, compromised, sender, template_dir, channel, rate, notify_dry_run, due,
@@ -83,6 +119,8 @@ def ensure_compromise_report(
         facts = {"report": summary, "notified": notices["notified"], "notified_owners": notices["owners"],
                  "notify_dry_run": bool(notify and notify_dry_run)}
         sends = notices["notified"] if notify and not notify_dry_run else 0
+        if progress is not None:
+            progress({"step": "done", "report_rewritten": bool(stale), "notified": notices["notified"]})
         if not stale and not sends:
             return Result(changed=False, facts=facts)
         diff: dict[str, dict[str, Any]] = {"before": {"files": {}, "notices": 0}, "after": {
@@ -92,31 +130,48 @@ def ensure_compromise_report(
         return Result(changed=True, diff=diff, facts=facts)
 
 
+SUMMARY_FIELDS = ("cluster", "compromised_keys", "pending", "republished", "owner_count", "owners_pending",
+                  "top_owners", "rows_sha256")
+
+
 def _report(store: Store, cluster_id: int, cluster: str, compromised: list[dict], json_path: str | None,
-            csv_path: str | None, check_mode: bool, also: list[str]) -> tuple[dict, list[str]]:
-    """(summary, files rewritten): the rows are read once when the report is new or written without a
-    digest; when the files are there, first only to digest them, and a second time to write them if changed."""
+            csv_path: str | None, check_mode: bool, progress=None,
+            also: Sequence[str] = ()) -> tuple[dict, list[str]]:
+    """(summary, files rewritten). A rerun asks the database only for the rows' revision (a count and a sum,
+    clusters.affected_revision): when the summary kept beside the report was written at that revision, for
+    these compromised keys, and every file is there with its mode, nothing is read or written and the kept
+    summary is the answer. Otherwise the rows are streamed into the files once. `also`: keys counted as
+    compromised (check mode)."""
     files = compromise.report_files(json_path, csv_path)
 
+    total: int | None = None
+
     def rows(conn) -> compromise.Rows:
-        return compromise.Rows(cluster, compromised, clusters.affected_rows(conn, cluster_id, also=also))
+        streamed = clusters.affected_rows(conn, cluster_id, also=also)
+        return compromise.Rows(cluster, compromised, compromise.counting(streamed, progress, total))
 
     def counted(conn) -> dict:
         found = rows(conn)
         found.drain()
         return found.summary(cluster, compromised)
 
-    stored = compromise.stored_digest(json_path, csv_path) if files else None
-    if not files or (stored is not None and all(file_mode(p) == REPORT_MODE for p in files)) or check_mode:
+    if not files:
         summary = store.read(counted)
         assert summary is not None
-        if not files or (summary["rows_sha256"] == stored and all(file_mode(p) == REPORT_MODE for p in files)):
-            return summary, []
-        if check_mode:
-            return summary, files
+        return summary, []
+    revision = store.read(partial(clusters.affected_revision, cluster_id=cluster_id, also=also))
+    total = int(revision.split(":")[0]) if revision else None
+    kept = compromise.stored_summary(json_path, csv_path)
+    if (kept is not None and kept.get("rows_revision") == revision and kept.get("cluster") == cluster
+            and kept.get("compromised_keys") == compromised and all(file_mode(p) == REPORT_MODE for p in files)):
+        return {k: kept.get(k) for k in SUMMARY_FIELDS}, []
+    if check_mode:
+        summary = store.read(counted)
+        assert summary is not None
+        return summary, files
 
     def written(conn) -> dict:
-        return compromise.write_report(rows(conn), cluster, compromised, json_path, csv_path, REPORT_MODE)
+        return compromise.write_report(rows(conn), cluster, compromised, json_path, csv_path, REPORT_MODE, revision)
 
     summary = store.read(written)
     assert summary is not None
@@ -127,8 +182,8 @@ def _notify(store: Store, row, compromised: list[dict], sender: str, template_di
             rate: float, dry_run: bool, due: list[tuple[str, str]], progress, check_mode: bool,
             limit: int | None = None) -> dict:
     """Render the notices due, owner after owner, and (unless `dry_run`) send each over `channel` and record
-    it in its own transaction as soon as it was accepted: a run killed in the middle leaves at most the notice
-    in flight unrecorded, sent again by the next run."""
+    it in its own transaction, committed as soon as it was accepted: a run killed in the middle leaves at most
+    the notice in flight unrecorded, sent again by the next run."""
     keys = {k["id"]: k for k in compromised}
     cluster_view = {"name": row.name, "intranet_url": row.intranet_url, "extranet_url": row.extranet_url}
     render = compromise.NoticeTemplates(template_dir).render
@@ -136,7 +191,7 @@ def _notify(store: Store, row, compromised: list[dict], sender: str, template_di
     todo = due if limit is None else due[:limit]
     counter = compromise.Progress(len(todo), None if check_mode else progress)
     named: list[str] = []
-    with store.short_writes(row.name) if not dry_run else nullcontext() as transaction:
+    with store.short_writes(row.name, lock=False) if not dry_run else nullcontext() as transaction:
         try:
             for start in range(0, len(todo), OWNERS_PER_BATCH):
                 pairs = todo[start:start + OWNERS_PER_BATCH]
@@ -157,12 +212,14 @@ def _notify(store: Store, row, compromised: list[dict], sender: str, template_di
                     if not dry_run:
                         pace.wait()
                         assert transaction is not None and channel is not None
+                        # The record goes in first and is committed only once the server accepted the notice: a
+                        # failed or killed send rolls it back. A concurrent run recording the same owner and key
+                        # waits on the unique index, then finds it there and sends nothing.
                         with transaction() as conn:
-                            if clusters.notice_sent(conn, row.id, owner, key_id):  # a concurrent run told them
-                                continue
+                            if not clusters.record_notice(conn, row.id, owner, key_id, len(pending),
+                                                          channel.channel, utcnow()):
+                                continue  # a concurrent run told them
                             channel.send(msg)
-                            clusters.record_notice(conn, row.id, owner, key_id, len(pending), channel.channel,
-                                                   utcnow())
                     if len(named) < NAMED and owner not in named:
                         named.append(owner)
                     counter.step()

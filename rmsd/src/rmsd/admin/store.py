@@ -54,17 +54,31 @@ class Store:
             raise db.connect_error(err, self.url) from None
 
     @contextmanager
-    def short_writes(self, cluster: str) -> Iterator[Callable[[], AbstractContextManager[sa.Connection]]]:
+    def short_writes(
+        self, cluster: str, lock: bool = True,
+    ) -> Iterator[Callable[[], AbstractContextManager[sa.Connection]]]:
         """One connection for many short write transactions on `cluster`, each locked against concurrent
-        runs (the schema is brought up to date once): yields a function that opens the next one."""
+        runs unless `lock` is false (the caller's rows serialize them; SQLite's BEGIN IMMEDIATE always does),
+        the schema brought up to date once: yields a function that opens the next one.
+
+        On SQLite the database is switched to write-ahead logging (it stays so) and this connection commits
+        without waiting for the disk (synchronous=NORMAL): a commit is then a write into the log, which a
+        process killed right after keeps; a power cut may lose the last commits, never the database. In the
+        default rollback journal each commit waits for several disk syncs."""
         with self.writing(cluster):
             pass
         try:
             with self.engine.connect() as conn:
+                if conn.dialect.name == "sqlite":  # outside a transaction: on the driver's connection
+                    driver = conn.connection.dbapi_connection
+                    assert driver is not None
+                    driver.execute("PRAGMA journal_mode = WAL").fetchall()
+                    driver.execute("PRAGMA synchronous = NORMAL")
                 @contextmanager
                 def transaction() -> Iterator[sa.Connection]:
                     with conn.begin():
-                        db.lock(conn, cluster)
+                        if lock:
+                            db.lock(conn, cluster)
                         yield conn
 
                 yield transaction
