@@ -108,7 +108,7 @@ options:
   root_key_replaced:
     description:
       - Check mode only, for a licensing cluster. Set it when an earlier task of the same run replaces the root
-        cluster's active key (M(rmsops.rms.cluster_key) reports it in RV(rmsops.rms.cluster_key#module:rotation)):
+        cluster's active key (M(rmsops.rms.cluster_key) reports it in RV(rmsops.rms.cluster_key#module:rotation));
         the check run then reports the re-enrollment the real run makes, although the root cluster still shows its
         current key. A real run ignores it and reads the root cluster's SLC.
     type: bool

@@ -107,7 +107,7 @@ options:
   expected_compromised_keys:
     description:
       - Check mode only. Ids of keys an earlier task of the same run declares compromised
-        (M(rmsops.rms.cluster_key)'s O(rmsops.rms.cluster_key#module:compromised_keys)): the check run's report and
+        (M(rmsops.rms.cluster_key)'s O(rmsops.rms.cluster_key#module:compromised_keys)); the check run's report and
         notices then cover them as the real run's will. A real run reads the keys' status from the configuration
         database and ignores it.
     type: list
@@ -231,7 +231,7 @@ def main():
             outbox_dir=dict(type="path"),
             notify_rate=dict(type="float", default=0),
             notify_dry_run=dict(type="bool", default=False),
-            expected_compromised_keys=dict(type="list", elements="str", default=[]),
+            expected_compromised_keys=dict(type="list", elements="str", default=[], no_log=False),  # key ids, not secrets
             template_dir=dict(type="path"),
             progress_path=dict(type="path"),
         ),
