@@ -12,7 +12,6 @@ an unwrap by the cluster key; a sample UL of each run is checked with jwcrypto. 
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import secrets
@@ -25,6 +24,7 @@ import tomllib
 import uuid
 from pathlib import Path
 
+import ul_throughput as ul  # the UL benchmark's helpers, a script beside this one (its folder is on sys.path)
 from rmsd.client import RmsClient, User, encrypt_content
 
 from rmsd import admin, demo_issuer
@@ -35,15 +35,6 @@ ADDRESSES = {"password": "127.0.3.11", "pkcs11": "127.0.3.12"}
 SUBJECT = "alice@example.com"
 
 
-def load_sibling(name: str):
-    """The UL benchmark's helpers (processes, load generator, jwcrypto check), shared rather than copied."""
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ul = load_sibling("ul_throughput")
 
 
 def make_token(directory: Path) -> dict:

@@ -12,7 +12,6 @@ wrk (Debian package wrk) runs benchmarks/ul_mix.lua; the Python client checks sa
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import random
@@ -30,6 +29,7 @@ import tomllib
 import uuid
 from pathlib import Path
 
+import ul_throughput as ul  # the UL benchmark's helpers, a script beside this one (its folder is on sys.path)
 from rmsd.client import RmsClient, User, encrypt_content
 
 from rmsd import admin, demo_issuer
@@ -40,14 +40,6 @@ CLUSTER = "mix"
 CACHES = ("token", "rac", "pl")
 
 
-def load_sibling(name: str):
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ul = load_sibling("ul_throughput")
 
 
 def load_average() -> str:
