@@ -287,3 +287,32 @@ def test_demo_roundtrip_command(node):
 
 def test_health_answers_without_a_token(node):
     assert httpx.get(f"{node.url}/health", timeout=5).status_code == 200
+
+
+def test_worker_connections_turn_nagle_off():
+    """Workers share a socket the supervisor made: the connections asyncio accepts on it must have
+    TCP_NODELAY, or every response written in two parts waits for the client's delayed ACK (about 40 ms)."""
+    import asyncio
+    import socket
+
+    from rmsd.service import listening_socket
+
+    async def accepted_nodelay() -> int:
+        found: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport):
+                sock = transport.get_extra_info("socket")
+                found.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        server = await asyncio.get_running_loop().create_server(Probe, sock=listening_socket("127.0.0.1", 0))
+        port = server.sockets[0].getsockname()[1]
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            return await asyncio.wait_for(found, 30)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0
