@@ -316,3 +316,33 @@ def test_worker_connections_turn_nagle_off():
             server.close()
 
     assert asyncio.run(accepted_nodelay()) != 0
+
+
+def test_workers_sockets_share_the_port_and_its_connections():
+    """Each worker listens on a socket of its own on the node's port; the kernel spreads connections over them
+    (on one shared socket, the first worker to wake took every connection a client opened at once)."""
+    import select
+    import socket
+
+    from rmsd.errors import RmsdError
+    from rmsd.service import listening_socket
+
+    first = listening_socket("127.0.0.1", 0, reuse_port=True)
+    port = first.getsockname()[1]
+    second = listening_socket("127.0.0.1", port, reuse_port=True)
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(32)]
+    try:
+        accepted = {first: 0, second: 0}
+        while sum(accepted.values()) < len(clients):
+            ready, _, _ = select.select([first, second], [], [], 30)
+            assert ready, "a connection was never accepted"
+            for sock in ready:
+                sock.accept()[0].close()
+                accepted[sock] += 1
+        assert all(accepted.values()), f"one socket got every connection: {list(accepted.values())}"
+        # A port some other socket holds without SO_REUSEPORT is refused with the reason.
+        with socket.create_server(("127.0.0.1", 0)) as taken, pytest.raises(RmsdError, match="cannot listen"):
+            listening_socket("127.0.0.1", taken.getsockname()[1], reuse_port=True)
+    finally:
+        for sock in [first, second, *clients]:
+            sock.close()

@@ -208,7 +208,7 @@ def check_tls(config: NodeConfig) -> dict:
 
 def serve(config: NodeConfig) -> None:
     """Run the node: one worker process in the foreground, or (config.workers, default one per core)
-    several forked from this one on one listening socket."""
+    several forked from this one, each listening on the port (SO_REUSEPORT)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     tls = check_tls(config)
     workers = worker_count(config)
@@ -248,12 +248,15 @@ def _serve_worker(config: NodeConfig, tls: dict, sock: socket.socket | None = No
 
 
 def _supervise(config: NodeConfig, tls: dict, workers: int) -> None:
-    """Bind the port here, fork `workers` processes that each build the whole node after the fork (their
-    own database pool, PKCS#11 session and caches: nothing of that may cross a fork), and keep them
+    """Fork `workers` processes that each build the whole node after the fork (their own listening socket,
+    database pool, PKCS#11 session and caches: nothing of that may cross a fork), and keep them
     running: a worker that dies is replaced; one that cannot start stops the node with its reason.
     SIGTERM or SIGINT stop every worker gracefully."""
-    sock = listening_socket(config.listen_address, config.port)
-    sock.set_inheritable(True)
+    # Each worker listens on a socket of its own on the same port (SO_REUSEPORT), so that the kernel spreads
+    # new connections over the workers. On one shared socket the first worker to wake accepts every pending
+    # connection, and a client's keep-alive connections, opened together, all end up in one worker.
+    # The port is tried here first, so that a port in use is said once, before any worker starts.
+    listening_socket(config.listen_address, config.port, reuse_port=True).close()
     children: dict[int, int] = {}  # pid -> worker number
     stopping = False
 
@@ -272,6 +275,7 @@ def _supervise(config: NodeConfig, tls: dict, workers: int) -> None:
                 def ready():
                     os.write(ready_w, b"1")
                     os.close(ready_w)
+                sock = listening_socket(config.listen_address, config.port, reuse_port=True)
                 _serve_worker(config, tls, sock, ready, heartbeat=number == 1)
             except RmsdError as err:
                 print(f"rmsd: worker {number}: {err}", file=sys.stderr)
@@ -332,24 +336,26 @@ def _supervise(config: NodeConfig, tls: dict, workers: int) -> None:
             start(number)
     finally:
         stop_all()
-        sock.close()
 
 
-def listening_socket(address: str, port: int) -> socket.socket:
-    """The node's TCP listening socket, made with its protocol named: asyncio turns Nagle's algorithm off
+def listening_socket(address: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A worker's TCP listening socket, made with its protocol named: asyncio turns Nagle's algorithm off
     (TCP_NODELAY) only on connections whose socket says IPPROTO_TCP, and socket.create_server leaves it 0.
     Without it a response written in two parts (headers, body) waits for the client's delayed ACK: about
-    40 ms per request."""
+    40 ms per request. reuse_port: one of several sockets on the port (only processes of the same user
+    may join them: the node's own workers)."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((address, port))
         sock.listen(2048)
-    except OSError:
+    except OSError as err:
         sock.close()
-        raise
+        raise RmsdError(f"cannot listen on {address} port {port}: {err.strerror or err}") from None
     return sock
 
 
