@@ -190,6 +190,8 @@ def check_module_task(task, scope, module_docs) -> list[str]:
         assert action.startswith("ansible.builtin."), f"{name}: {action} is not a fully qualified name"
         return []
     module = action.split(".")[-1]
+    if module not in module_docs:
+        return [f"{name}: {action} is no module of {COLLECTION}"]
     params = dict(task[action] or {})
     for group, defaults in scope["module_defaults"].items():
         if group in (f"group/{COLLECTION}.rmsd", action):
