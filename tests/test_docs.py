@@ -390,3 +390,25 @@ def test_antsibull_docs_renders_every_module_role_and_guide(tmp_path):
         page = rendered / "docsite" / guide.name
         assert page.read_text() == guide.read_text(), guide.name
         assert f"docsite/{guide.stem}" in index, guide.name
+
+
+def test_first_cluster_inventory_is_complete_for_site_yml(tmp_path):
+    """The first guide's inventory, as ansible-inventory reads it, gives the root cluster role every variable
+    it requires, and rmsops.rms.site passes --syntax-check with it."""
+    inventory = next(document for document in map(yaml.safe_load,
+                                                   rst_blocks(GUIDES / "guide_first_cluster.rst", "yaml"))
+                     if isinstance(document, dict) and "all" in document)
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump(inventory))
+    proc = run([BIN / "ansible-inventory", "-i", tmp_path / "hosts.yml", "--list"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    listed = json.loads(proc.stdout)
+    hosts = listed["rms_root"]["hosts"]
+    assert hosts
+    spec = role_spec("root_cluster", "main")
+    for host in hosts:
+        given = {name: value for name, value in listed["_meta"]["hostvars"][host].items() if name in spec}
+        assert "root_cluster_key_password" in given
+        assert validate(spec, given) == [], host
+    proc = run([BIN / "ansible-playbook", "-i", tmp_path / "hosts.yml", "--syntax-check", f"{COLLECTION}.site"],
+               cwd=tmp_path)
+    assert proc.returncode == 0, f"{proc.stdout}{proc.stderr}"
