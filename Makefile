@@ -34,12 +34,13 @@ PYTEST_PACKAGES := postgresql haproxy softhsm2 openssl
 MOLECULE_PACKAGES := $(PYTEST_PACKAGES) podman runc mmdebstrap openssh-client
 CHECK_PACKAGES := scripts/check-packages.sh
 
-.PHONY: help venv collection demo test packages $(TEST_STAGES) clean
+.PHONY: help venv collection demo docs test packages $(TEST_STAGES) clean
 
 help:
 	@echo "make venv        create .venv (pinned by constraints.txt)"
 	@echo "make collection  make rmsops.rms resolvable from build/collections"
 	@echo "make demo        run $(DEMO_PLAYBOOK) against the local demo inventory (DEMO_ARGS=...)"
+	@echo "make docs        lint the docs and render them as reStructuredText into $(DOCS_DEST)"
 	@echo "make test        $(TEST_STAGES), stopping at the first failure"
 	@echo "make packages    check for the Debian packages the tests need (prints the apt-get command)"
 	@echo "make clean       remove .venv, build and .demo"
@@ -51,7 +52,7 @@ $(VENV_STAMP): constraints.txt rmsd/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c constraints.txt \
 		-e 'rmsd[test]' ansible-core molecule ansible-lint ruff mypy jwcrypto schemathesis pytest supervisor \
-		ansible-builder antsibull-changelog
+		ansible-builder antsibull-changelog antsibull-docs
 	touch $@
 
 collection: $(COLLECTION_LINK)
@@ -62,6 +63,16 @@ $(COLLECTION_LINK):
 
 demo: venv collection
 	$(BIN)/ansible-playbook -i $(DEMO_INVENTORY) $(DEMO_PLAYBOOK) $(DEMO_ARGS)
+
+# The module and role docs and the guides (docs/docsite/), as antsibull-docs renders them for a docsite.
+DOCS_DEST := $(BUILD)/docs
+
+docs: venv collection
+	$(BIN)/antsibull-docs lint-collection-docs --plugin-docs .
+	rm -rf $(DOCS_DEST) && mkdir -p $(DOCS_DEST)
+	$(BIN)/antsibull-docs collection --use-current --fail-on-error --dest-dir $(DOCS_DEST) rmsops.rms
+	@# antsibull-docs copies the guides only; their images (../images/ from a guide) go beside them.
+	if [ -d docs/docsite/images ]; then cp -r docs/docsite/images $(DOCS_DEST)/collections/rmsops/rms/; fi
 
 packages:
 	@$(CHECK_PACKAGES) $(sort $(SANITY_PACKAGES) $(MOLECULE_PACKAGES))

@@ -123,53 +123,66 @@ author:
 """
 
 EXAMPLES = r"""
-- name: Provision the root cluster
+- name: Provision a single-node root cluster (SQLite)
   rmsops.rms.cluster:
     name: corp
     database_url: sqlite:////var/lib/rmsd/corp/config.db
-    key_password: "{{ vault_rms_key_password }}"
+    key_password: "{{ vault_rms_corp_key_password }}"
     key_size: 3072
     intranet_url: https://rms.corp.example.com
   vars:
     ansible_python_interpreter: /opt/rmsd/venv/bin/python
+  # A SQLite database belongs to the user the node runs as.
+  become: true
+  become_user: rmsd
 
 - name: Provision a root cluster whose configuration database is shared by its members
   rmsops.rms.cluster:
     name: corp
-    database_url: postgresql://rms@db.corp.example.com:5432/rms_corp
+    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp
     database_password: "{{ vault_rms_database_password }}"
-    key_password: "{{ vault_rms_key_password }}"
+    key_password: "{{ vault_rms_corp_key_password }}"
     intranet_url: https://rms.corp.example.com
     extranet_url: https://rms.example.com
+  vars:
+    ansible_python_interpreter: /opt/rmsd/venv/bin/python
 
 - name: Provision a licensing cluster and enroll it with the root cluster
   rmsops.rms.cluster:
     name: finance
     role: licensing
-    database_url: postgresql://rms@db.corp.example.com:5432/rms_finance
-    database_password: "{{ vault_rms_finance_database_password }}"
+    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_finance
+    database_password: "{{ vault_rms_database_password }}"
     key_password: "{{ vault_rms_finance_key_password }}"
     intranet_url: https://rms-finance.corp.example.com
     enrollment_url: https://rms.corp.example.com
     enrollment_credential: "{{ finance_enrollment_secret }}"
-    enrollment_ca_path: /etc/ssl/certs/corp-ca.pem
+    enrollment_ca_path: /etc/ssl/certs/corp-root-ca.pem
+  vars:
+    ansible_python_interpreter: /opt/rmsd/venv/bin/python
 
 - name: Decommission a licensing cluster; it keeps issuing use licenses for its content
   rmsops.rms.cluster:
     name: finance
     role: licensing
-    database_url: postgresql://rms@db.corp.example.com:5432/rms_finance
-    database_password: "{{ vault_rms_finance_database_password }}"
+    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_finance
+    database_password: "{{ vault_rms_database_password }}"
     key_password: "{{ vault_rms_finance_key_password }}"
     intranet_url: https://rms-finance.corp.example.com
     enrollment_url: https://rms.corp.example.com
     state: decommissioned
+  vars:
+    ansible_python_interpreter: /opt/rmsd/venv/bin/python
 
 - name: Remove a cluster that protects no content
   rmsops.rms.cluster:
     name: lab
     database_url: sqlite:////var/lib/rmsd/lab/config.db
     state: absent
+  vars:
+    ansible_python_interpreter: /opt/rmsd/venv/bin/python
+  become: true
+  become_user: rmsd
 """
 
 RETURN = r"""

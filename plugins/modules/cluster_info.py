@@ -53,8 +53,10 @@ EXAMPLES = r"""
 - name: Name the configuration database once for every rmsops.rms module of a block
   module_defaults:
     group/rmsops.rms.rmsd:
-      database_url: postgresql://rms@db.corp.example.com:5432/rms_finance
-      database_password: "{{ vault_rms_finance_database_password }}"
+      database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_finance
+      database_password: "{{ vault_rms_database_password }}"
+  vars:
+    ansible_python_interpreter: /opt/rmsd/venv/bin/python
   block:
     - name: Read the licensing cluster
       rmsops.rms.cluster_info:

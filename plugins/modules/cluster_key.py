@@ -100,16 +100,18 @@ EXAMPLES = r"""
 - name: Revoke a compromised key; a new key pair and SLC replace it
   rmsops.rms.cluster_key:
     cluster: corp
-    database_url: postgresql://rms@db.corp.example.com:5432/drms_config_corp
+    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp
     database_password: "{{ vault_rms_database_password }}"
-    key_password: "{{ vault_rms_key_password }}"
+    key_password: "{{ vault_rms_corp_key_password }}"
     compromised_keys:
       - 3f1c0e9a7b2d4c6e8f0a1b3c5d7e9f1a2b4c6d8e
+  vars:
+    ansible_python_interpreter: /opt/rmsd/venv/bin/python
 
 - name: Replace a compromised key held in an HSM; the new key is generated in the same token
   rmsops.rms.cluster_key:
     cluster: corp
-    database_url: postgresql://rms@db.corp.example.com:5432/drms_config_corp
+    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp
     database_password: "{{ vault_rms_database_password }}"
     pkcs11:
       module: /usr/lib/softhsm/libsofthsm2.so
@@ -118,31 +120,43 @@ EXAMPLES = r"""
     compromised_keys:
       - 3f1c0e9a7b2d4c6e8f0a1b3c5d7e9f1a2b4c6d8e
     compromised_key_in_token: destroy
+  environment:
+    SOFTHSM2_CONF: /etc/softhsm/softhsm2.conf
+  vars:
+    ansible_python_interpreter: /opt/rmsd/venv/bin/python
 
 - name: Roll the key over once a year
   rmsops.rms.cluster_key:
     cluster: corp
-    database_url: postgresql://rms@db.corp.example.com:5432/drms_config_corp
+    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp
     database_password: "{{ vault_rms_database_password }}"
-    key_password: "{{ vault_rms_key_password }}"
+    key_password: "{{ vault_rms_corp_key_password }}"
     max_age: 365
+  vars:
+    ansible_python_interpreter: /opt/rmsd/venv/bin/python
 
 - name: Change the cluster key password
   rmsops.rms.cluster_key:
     cluster: corp
-    database_url: postgresql://rms@db.corp.example.com:5432/drms_config_corp
+    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp
     database_password: "{{ vault_rms_database_password }}"
-    key_password: "{{ vault_rms_key_password_2027 }}"
-    previous_key_password: "{{ vault_rms_key_password }}"
+    key_password: "{{ vault_rms_corp_key_password_2027 }}"
+    previous_key_password: "{{ vault_rms_corp_key_password }}"
+  vars:
+    ansible_python_interpreter: /opt/rmsd/venv/bin/python
 
 - name: Replace a licensing cluster's compromised key; the root cluster enrolls the new one
   rmsops.rms.cluster_key:
     cluster: finance
-    database_url: postgresql://rms@db.corp.example.com:5432/drms_config_finance
+    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_finance
+    database_password: "{{ vault_rms_database_password }}"
     key_password: "{{ vault_rms_finance_key_password }}"
     compromised_keys: ["{{ finance_leaked_key_id }}"]
     enrollment_url: https://rms.corp.example.com
     enrollment_credential: "{{ finance_enrollment_secret }}"
+    enrollment_ca_path: /etc/ssl/certs/corp-root-ca.pem
+  vars:
+    ansible_python_interpreter: /opt/rmsd/venv/bin/python
 """
 
 RETURN = r"""

@@ -134,10 +134,10 @@ EXAMPLES = r"""
 - name: Write the report of content to republish and tell each owner once
   rmsops.rms.compromise_report:
     cluster: corp
-    database_url: postgresql://rms@db.corp.example.com:5432/drms_config_corp
+    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp
     database_password: "{{ vault_rms_database_password }}"
-    json_path: /var/lib/rms-reports/corp-compromised.json
-    csv_path: /var/lib/rms-reports/corp-compromised.csv
+    json_path: /var/lib/rms-reports/corp-compromised-content.json
+    csv_path: /var/lib/rms-reports/corp-compromised-content.csv
     notify: true
     sender: rms-admins@corp.example.com
     smtp_host: smtp.corp.example.com
@@ -145,7 +145,9 @@ EXAMPLES = r"""
     smtp_starttls: true
     smtp_username: rms-notices
     smtp_password: "{{ vault_smtp_password }}"
-    progress_path: /var/lib/rms-reports/corp-compromised.progress.jsonl  # tail -f it while the task runs
+    progress_path: /var/lib/rms-reports/corp-compromised-content.progress.jsonl  # tail -f it while the task runs
+  vars:
+    ansible_python_interpreter: /opt/rmsd/venv/bin/python
   register: compromised
 
 - name: Show what is still to be republished
@@ -155,12 +157,14 @@ EXAMPLES = r"""
 - name: Render every notice without sending any (a rehearsal before a large run)
   rmsops.rms.compromise_report:
     cluster: corp
-    database_url: postgresql://rms@db.corp.example.com:5432/drms_config_corp
+    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp
     database_password: "{{ vault_rms_database_password }}"
     notify: true
     notify_dry_run: true
     sender: rms-admins@corp.example.com
     smtp_host: smtp.corp.example.com
+  vars:
+    ansible_python_interpreter: /opt/rmsd/venv/bin/python
   register: rehearsal
 """
 

@@ -66,7 +66,7 @@ EXAMPLES = r"""
     scope: finance
     secret: "{{ finance_enrollment_secret }}"
     valid_for: 900
-    database_url: postgresql://rms@db.corp.example.com:5432/rms_corp
+    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp
     database_password: "{{ vault_rms_database_password }}"
   vars:
     ansible_python_interpreter: /opt/rmsd/venv/bin/python
@@ -76,7 +76,10 @@ EXAMPLES = r"""
     cluster: corp
     scope: finance
     state: absent
-    database_url: postgresql://rms@db.corp.example.com:5432/rms_corp
+    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp
+    database_password: "{{ vault_rms_database_password }}"
+  vars:
+    ansible_python_interpreter: /opt/rmsd/venv/bin/python
 """
 
 RETURN = r"""

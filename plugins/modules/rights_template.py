@@ -62,9 +62,9 @@ EXAMPLES = r"""
     description: Finance staff may view and print; the controllers may also edit.
     rights:
       "group:finance": [VIEW, PRINT]
-      "group:controllers": [VIEW, PRINT, EDIT]
-    database_url: postgresql://rms@db.corp.example.com:5432/rms_finance
-    database_password: "{{ vault_rms_finance_database_password }}"
+      "group:finance-controllers": [VIEW, PRINT, EDIT]
+    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_finance
+    database_password: "{{ vault_rms_database_password }}"
   vars:
     ansible_python_interpreter: /opt/rmsd/venv/bin/python
 """

@@ -151,34 +151,41 @@ author:
 """
 
 EXAMPLES = r"""
-- name: Join this host to the root cluster
+- name: Join this host to the single-node root cluster corp
   rmsops.rms.server:
     cluster: corp
     name: "{{ inventory_hostname }}"
     database_url: sqlite:////var/lib/rmsd/corp/config.db
-    key_password: "{{ vault_rms_key_password }}"
-    listen_address: 127.0.0.1
+    key_password: "{{ vault_rms_corp_key_password }}"
+    listen_address: 10.0.10.11
     port: 8080
-    config_path: /var/lib/rmsd/rms1/rmsd.toml
-    secret_path: /var/lib/rmsd/rms1/secret.toml
-    tls_certificate: /etc/rmsd/tls/rms1.crt
-    tls_key: /etc/rmsd/tls/rms1.key
+    config_path: /var/lib/rmsd/{{ inventory_hostname }}/rmsd.toml
+    secret_path: /var/lib/rmsd/{{ inventory_hostname }}/secret.toml
+    tls_certificate: /var/lib/rmsd/{{ inventory_hostname }}/tls/node.crt
+    tls_key: /var/lib/rmsd/{{ inventory_hostname }}/tls/node.key
     http_limits:
       max_body_bytes: 131072
-    identity_issuer: https://login.corp.example.com
+    identity_issuer: https://login.corp.example.com/
     identity_jwks_uri: https://login.corp.example.com/.well-known/jwks.json
   vars:
     ansible_python_interpreter: /opt/rmsd/venv/bin/python
+  # The node's files (and the SQLite database) belong to the user the node runs as.
+  become: true
+  become_user: rmsd
   register: rms_server
 
 - name: Remove the server from its cluster
   rmsops.rms.server:
     cluster: corp
-    name: rms1
+    name: "{{ inventory_hostname }}"
     database_url: sqlite:////var/lib/rmsd/corp/config.db
-    config_path: /var/lib/rmsd/rms1/rmsd.toml
-    secret_path: /var/lib/rmsd/rms1/secret.toml
+    config_path: /var/lib/rmsd/{{ inventory_hostname }}/rmsd.toml
+    secret_path: /var/lib/rmsd/{{ inventory_hostname }}/secret.toml
     state: absent
+  vars:
+    ansible_python_interpreter: /opt/rmsd/venv/bin/python
+  become: true
+  become_user: rmsd
 """
 
 RETURN = r"""

@@ -75,21 +75,25 @@ EXAMPLES = r"""
 - name: Back up the cluster's keys
   rmsops.rms.trusted_publishing_domain:
     cluster: corp
-    database_url: postgresql://rms@db.corp.example.com:5432/drms_config_corp
+    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp
     database_password: "{{ vault_rms_database_password }}"
-    key_password: "{{ vault_rms_key_password }}"
+    key_password: "{{ vault_rms_corp_key_password }}"
     path: /var/backups/rms/corp.tpd
     password: "{{ vault_rms_tpd_password }}"
+  vars:
+    ansible_python_interpreter: /opt/rmsd/venv/bin/python
 
 - name: Restore the keys into a newly provisioned cluster
   rmsops.rms.trusted_publishing_domain:
     cluster: corp
-    database_url: postgresql://rms@db.corp.example.com:5432/drms_config_corp
+    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp
     database_password: "{{ vault_rms_database_password }}"
-    key_password: "{{ vault_rms_key_password }}"
+    key_password: "{{ vault_rms_corp_key_password }}"
     path: /var/backups/rms/corp.tpd
     password: "{{ vault_rms_tpd_password }}"
     state: imported
+  vars:
+    ansible_python_interpreter: /opt/rmsd/venv/bin/python
 """
 
 RETURN = r"""
