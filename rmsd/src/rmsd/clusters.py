@@ -327,6 +327,49 @@ def content_counts(conn: sa.Connection, cluster_id: int) -> dict[str, int]:
     return {key_id: count for key_id, count in conn.execute(query)}
 
 
+SERIES_POINTS = 25  # points of a republishing series, however many items and however long it took
+
+
+def republishing_progress(conn: sa.Connection, cluster_id: int, points: int = SERIES_POINTS) -> list[dict]:
+    """Per compromised key of the cluster (in the order they were compromised): its publishing licenses, how
+    many are republished and still pending, and a series of at most `points` (time, still pending) from the
+    key's compromise to the latest republishing of its content, evenly spaced. Every time comes from the
+    data, none from the clock, so the series changes only when the content does. Two aggregate queries,
+    whatever the row count: the bounds, then every point of every key in one row."""
+    bounds = conn.execute(
+        sa.select(cluster_keys.c.id, cluster_keys.c.status_changed_at, sa.func.count(content.c.pl_id),
+                  sa.func.count(content.c.superseded_by), sa.func.max(content.c.superseded_at))
+        .select_from(cluster_keys.outerjoin(
+            content, sa.and_(content.c.key_id == cluster_keys.c.id, content.c.cluster_id == cluster_id)))
+        .where(cluster_keys.c.cluster_id == cluster_id, cluster_keys.c.status == "compromised")
+        .group_by(cluster_keys.c.id, cluster_keys.c.status_changed_at)
+        .order_by(cluster_keys.c.status_changed_at, cluster_keys.c.id)
+    ).all()
+    edges: dict[str, list[datetime]] = {}
+    for key_id, compromised_at, _items, _republished, last in bounds:
+        end = max(last, compromised_at) if last is not None else compromised_at
+        steps = points - 1 if end > compromised_at else 0
+        edges[key_id] = [compromised_at + (end - compromised_at) * i / steps for i in range(steps)] + [end]
+    pending = []
+    for key_id, times in edges.items():
+        for at in times:
+            # Published by then and not yet republished: COUNT(CASE ...) counts the rows that match.
+            pending.append(sa.func.count(sa.case((sa.and_(
+                content.c.key_id == key_id, content.c.created_at <= at,
+                sa.or_(content.c.superseded_at.is_(None), content.c.superseded_at > at)), 1))))
+    counts = iter(conn.execute(
+        sa.select(*pending).where(content.c.cluster_id == cluster_id, content.c.key_id.in_(list(edges)))
+    ).one() if pending else ())
+    return [
+        {
+            "key_id": key_id, "compromised_at": compromised_at.isoformat(), "published": items,
+            "republished": republished, "pending": items - republished,
+            "series": [{"at": at.isoformat(), "pending": next(counts)} for at in edges[key_id]],
+        }
+        for key_id, compromised_at, items, republished, _last in bounds
+    ]
+
+
 def record_content(conn, cluster_id: int, pl: dict, now: datetime, supersedes: str | None = None) -> None:
     conn.execute(
         content.insert().values(
