@@ -335,7 +335,7 @@ def republishing_progress(conn: sa.Connection, cluster_id: int, points: int = SE
     many are republished and still pending, and a series of at most `points` (time, still pending) from the
     key's compromise to the latest republishing of its content, evenly spaced. Every time comes from the
     data, none from the clock, so the series changes only when the content does. Two aggregate queries,
-    whatever the row count: the bounds, then every point of every key in one row."""
+    whatever the row count: the bounds, then each row placed once among the points."""
     bounds = conn.execute(
         sa.select(cluster_keys.c.id, cluster_keys.c.status_changed_at, sa.func.count(content.c.pl_id),
                   sa.func.count(content.c.superseded_by), sa.func.max(content.c.superseded_at))
@@ -350,23 +350,43 @@ def republishing_progress(conn: sa.Connection, cluster_id: int, points: int = SE
         end = max(last, compromised_at) if last is not None else compromised_at
         steps = points - 1 if end > compromised_at else 0
         edges[key_id] = [compromised_at + (end - compromised_at) * i / steps for i in range(steps)] + [end]
-    pending = []
-    for key_id, times in edges.items():
-        for at in times:
-            # Published by then and not yet republished: COUNT(CASE ...) counts the rows that match.
-            pending.append(sa.func.count(sa.case((sa.and_(
-                content.c.key_id == key_id, content.c.created_at <= at,
-                sa.or_(content.c.superseded_at.is_(None), content.c.superseded_at > at)), 1))))
-    counts = iter(conn.execute(
-        sa.select(*pending).where(content.c.cluster_id == cluster_id, content.c.key_id.in_(list(edges)))
-    ).one() if pending else ())
+    # Each row is placed once: the first point at or after its publishing and at or after its republishing
+    # (none: after the last point, or never republished). Most rows match the first branch or two, so a row
+    # costs a few comparisons instead of one per point; still to be republished at a point is then what was
+    # published by it less what was republished by it (a row is republished only after it was published).
+    def placed(column):
+        return sa.case(*((sa.and_(content.c.key_id == key_id, column <= at), i)
+                         for key_id, times in edges.items() for i, at in enumerate(times)))
+
+    published_by: dict[str, list[int]] = {key_id: [0] * len(times) for key_id, times in edges.items()}
+    republished_by = {key_id: [0] * len(times) for key_id, times in edges.items()}
+    if edges:
+        published, republished = placed(content.c.created_at), placed(content.c.superseded_at)
+        rows = conn.execute(
+            sa.select(content.c.key_id, published, republished, sa.func.count())
+            .where(content.c.cluster_id == cluster_id, content.c.key_id.in_(list(edges)))
+            .group_by(content.c.key_id, published, republished)
+        )
+        for key_id, published_at, republished_at, count in rows:
+            if published_at is not None:
+                published_by[key_id][published_at] += count
+            if republished_at is not None:
+                republished_by[key_id][republished_at] += count
+
+    def series(key_id: str) -> list[dict]:
+        points, published_sum, republished_sum = [], 0, 0
+        for i, at in enumerate(edges[key_id]):
+            published_sum += published_by[key_id][i]
+            republished_sum += republished_by[key_id][i]
+            points.append({"at": at.isoformat(), "pending": published_sum - republished_sum})
+        return points
+
     return [
         {
             "key_id": key_id, "compromised_at": compromised_at.isoformat(), "published": items,
-            "republished": republished, "pending": items - republished,
-            "series": [{"at": at.isoformat(), "pending": next(counts)} for at in edges[key_id]],
+            "republished": republished_count, "pending": items - republished_count, "series": series(key_id),
         }
-        for key_id, compromised_at, items, republished, _last in bounds
+        for key_id, compromised_at, items, republished_count, _last in bounds
     ]
 
 
