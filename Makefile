@@ -30,7 +30,7 @@ TEST_STAGES := lint sanity pytest molecule
 # Debian packages the stages use (.ci/run installs them): each stage checks for its own first, and says
 # which apt-get command installs what is missing (scripts/check-packages.sh).
 SANITY_PACKAGES := git
-PYTEST_PACKAGES := postgresql haproxy softhsm2 openssl
+PYTEST_PACKAGES := postgresql haproxy softhsm2 openssl chromium
 MOLECULE_PACKAGES := $(PYTEST_PACKAGES) podman runc mmdebstrap openssh-client
 CHECK_PACKAGES := scripts/check-packages.sh
 

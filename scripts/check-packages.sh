@@ -16,7 +16,7 @@ installed() {
         haproxy) has_file /usr/sbin/haproxy ;;
         softhsm2) has_file /usr/lib/softhsm/libsofthsm2.so && has_command softhsm2-util ;;
         openssh-client) has_command ssh && has_command ssh-keygen ;;
-        podman | runc | mmdebstrap | openssl | git) has_command "$1" ;;
+        podman | runc | mmdebstrap | openssl | git | chromium) has_command "$1" ;;
         *) echo "check-packages.sh: no check for package $1" >&2; exit 2 ;;
     esac
 }

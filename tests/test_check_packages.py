@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-ALL = "git haproxy mmdebstrap openssh-client openssl podman postgresql runc softhsm2"
-COMMANDS = ("softhsm2-util", "ssh", "ssh-keygen", "podman", "runc", "mmdebstrap", "openssl", "git")
+ALL = "chromium git haproxy mmdebstrap openssh-client openssl podman postgresql runc softhsm2"
+COMMANDS = ("chromium", "softhsm2-util", "ssh", "ssh-keygen", "podman", "runc", "mmdebstrap", "openssl", "git")
 FILES = ("usr/sbin/haproxy", "usr/lib/postgresql/16/bin/initdb", "usr/lib/softhsm/libsofthsm2.so")
 
 

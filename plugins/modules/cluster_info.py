@@ -191,6 +191,43 @@ content_per_key:
   description: Number of content items published under each key, by key identifier.
   returned: always
   type: dict
+republishing:
+  description:
+    - Per key revoked as compromised (in the order they were), its content and how far its republishing got. Computed
+      in the configuration database in two aggregate queries, whatever the number of content items.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    key_id:
+      description: The compromised key.
+      type: str
+    compromised_at:
+      description: When it was revoked as compromised (ISO 8601).
+      type: str
+    published:
+      description: Publishing licenses issued under the key (as in RV(content_per_key)).
+      type: int
+    republished:
+      description: Of those, how many their owners republished under another key.
+      type: int
+    pending:
+      description: Of those, how many are still to be republished.
+      type: int
+    series:
+      description:
+        - Still to be republished over time, at most 25 points evenly spaced from RV(republishing.compromised_at)
+          to the latest republishing (one point when nothing was republished since). The times come from the
+          data, none from the clock, so the series changes only when the content does.
+      type: list
+      elements: dict
+      contains:
+        at:
+          description: The time of the point (ISO 8601).
+          type: str
+        pending:
+          description: Content items published by then and not yet republished.
+          type: int
 root_slc:
   description:
     - For a licensing cluster, the root cluster's SLC its own SLC chains to (same fields as RV(slc) but

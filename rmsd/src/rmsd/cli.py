@@ -1,6 +1,7 @@
 """The `rmsd` command."""
 
 import argparse
+import dataclasses
 import ipaddress
 import json
 import os
@@ -15,6 +16,8 @@ from rmsd.errors import RmsdError
 
 # The server role installs each node's configuration as BASE/INSTANCE/rmsd.toml (server_config_path).
 CONFIG_NAME = "rmsd.toml"
+# The page GET /status serves, beside the configuration file unless the configuration names another.
+STATUS_PAGE_NAME = "status.html"
 DEFAULT_BASE_DIR = "/var/lib/rmsd"
 CONFIG_HELP = ("the node's configuration file; default: $RMSD_CONFIG, else the one node's rmsd.toml under "
                f"$RMSD_BASE_DIR/*/ (RMSD_BASE_DIR defaults to {DEFAULT_BASE_DIR}, where the server role installs it)")
@@ -42,7 +45,19 @@ def config_path(given: str | None) -> str:
 def _serve(args) -> int:
     from rmsd.service import serve
 
-    serve(load_node_config(config_path(args.config)))
+    path = config_path(args.config)
+    config = load_node_config(path)
+    if not config.status_page:
+        config = dataclasses.replace(config, status_page=str(Path(path).resolve().parent / STATUS_PAGE_NAME))
+    serve(config)
+    return 0
+
+
+def _status_page(args) -> int:
+    from rmsd.status_page import render_file
+
+    written = render_file(args.state, args.output)
+    print(f"rmsd: {'wrote' if written else 'unchanged (same state)'} {args.output}", file=sys.stderr)
     return 0
 
 
@@ -165,6 +180,17 @@ def parser() -> argparse.ArgumentParser:
                    "or postgresql+psycopg://rms@db.example.com/rms); the password comes from RMSD_DATABASE_PASSWORD")
     s.add_argument("--name", required=True, help="the cluster's name")
     s.set_defaults(func=_cluster_info)
+
+    s = sub.add_parser(
+        "status-page", help="render a fleet-state JSON file as the HTML status page GET /status serves",
+        description="Render the fleet-state document playbooks/fleet_state.yml writes (rms_fleet_state_path) as one "
+        "self-contained HTML page (no script, nothing fetched). The output is replaced atomically (0644) unless "
+        f"it already shows the same state. A node serves the {STATUS_PAGE_NAME} beside its configuration file.",
+    )
+    s.add_argument("--state", required=True, metavar="PATH", help="the fleet-state JSON file")
+    s.add_argument("--output", required=True, metavar="PATH",
+                   help=f"the HTML file to write, e.g. /var/lib/rmsd/NODE/{STATUS_PAGE_NAME}")
+    s.set_defaults(func=_status_page)
 
     issuer = sub.add_parser("demo-issuer", help="a local JWT issuer for the demo and tests").add_subparsers(
         dest="issuer_command", required=True

@@ -327,6 +327,69 @@ def content_counts(conn: sa.Connection, cluster_id: int) -> dict[str, int]:
     return {key_id: count for key_id, count in conn.execute(query)}
 
 
+SERIES_POINTS = 25  # points of a republishing series, however many items and however long it took
+
+
+def republishing_progress(conn: sa.Connection, cluster_id: int, points: int = SERIES_POINTS) -> list[dict]:
+    """Per compromised key of the cluster (in the order they were compromised): its publishing licenses, how
+    many are republished and still pending, and a series of at most `points` (time, still pending) from the
+    key's compromise to the latest republishing of its content, evenly spaced. Every time comes from the
+    data, none from the clock, so the series changes only when the content does. Two aggregate queries,
+    whatever the row count: the bounds, then each row placed once among the points."""
+    bounds = conn.execute(
+        sa.select(cluster_keys.c.id, cluster_keys.c.status_changed_at, sa.func.count(content.c.pl_id),
+                  sa.func.count(content.c.superseded_by), sa.func.max(content.c.superseded_at))
+        .select_from(cluster_keys.outerjoin(
+            content, sa.and_(content.c.key_id == cluster_keys.c.id, content.c.cluster_id == cluster_id)))
+        .where(cluster_keys.c.cluster_id == cluster_id, cluster_keys.c.status == "compromised")
+        .group_by(cluster_keys.c.id, cluster_keys.c.status_changed_at)
+        .order_by(cluster_keys.c.status_changed_at, cluster_keys.c.id)
+    ).all()
+    edges: dict[str, list[datetime]] = {}
+    for key_id, compromised_at, _items, _republished, last in bounds:
+        end = max(last, compromised_at) if last is not None else compromised_at
+        steps = points - 1 if end > compromised_at else 0
+        edges[key_id] = [compromised_at + (end - compromised_at) * i / steps for i in range(steps)] + [end]
+    # Each row is placed once: the first point at or after its publishing and at or after its republishing
+    # (none: after the last point, or never republished). Most rows match the first branch or two, so a row
+    # costs a few comparisons instead of one per point; still to be republished at a point is then what was
+    # published by it less what was republished by it (a row is republished only after it was published).
+    def placed(column):
+        return sa.case(*((sa.and_(content.c.key_id == key_id, column <= at), i)
+                         for key_id, times in edges.items() for i, at in enumerate(times)))
+
+    published_by: dict[str, list[int]] = {key_id: [0] * len(times) for key_id, times in edges.items()}
+    republished_by = {key_id: [0] * len(times) for key_id, times in edges.items()}
+    if edges:
+        published, republished = placed(content.c.created_at), placed(content.c.superseded_at)
+        rows = conn.execute(
+            sa.select(content.c.key_id, published, republished, sa.func.count())
+            .where(content.c.cluster_id == cluster_id, content.c.key_id.in_(list(edges)))
+            .group_by(content.c.key_id, published, republished)
+        )
+        for key_id, published_at, republished_at, count in rows:
+            if published_at is not None:
+                published_by[key_id][published_at] += count
+            if republished_at is not None:
+                republished_by[key_id][republished_at] += count
+
+    def series(key_id: str) -> list[dict]:
+        points, published_sum, republished_sum = [], 0, 0
+        for i, at in enumerate(edges[key_id]):
+            published_sum += published_by[key_id][i]
+            republished_sum += republished_by[key_id][i]
+            points.append({"at": at.isoformat(), "pending": published_sum - republished_sum})
+        return points
+
+    return [
+        {
+            "key_id": key_id, "compromised_at": compromised_at.isoformat(), "published": items,
+            "republished": republished_count, "pending": items - republished_count, "series": series(key_id),
+        }
+        for key_id, compromised_at, items, republished_count, _last in bounds
+    ]
+
+
 def record_content(conn, cluster_id: int, pl: dict, now: datetime, supersedes: str | None = None) -> None:
     conn.execute(
         content.insert().values(

@@ -75,6 +75,9 @@ class NodeConfig:
     # Worker processes serving the node's port (unset: one per core of the host). Each opens its own
     # database connections and its own PKCS#11 session.
     workers: int | None = None
+    # The deployment's status page the node serves at GET /status (absolute path; it only reads it). Unset:
+    # status.html beside the configuration file (rmsd serve fills it in).
+    status_page: str | None = None
 
     @property
     def tls(self) -> bool:

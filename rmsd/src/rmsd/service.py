@@ -2,6 +2,7 @@
 rmsd.contract publishes them, every error as a problem document, the limits of rmsd.limits first."""
 
 import contextlib
+import hashlib
 import logging
 import os
 import signal
@@ -9,11 +10,13 @@ import socket
 import sys
 import threading
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 import sqlalchemy as sa
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -135,7 +138,12 @@ def create_app(config: NodeConfig, heartbeat: bool = True) -> FastAPI:
     @app.get("/", include_in_schema=False)
     def index():
         return {"service": "rmsd", "version": __version__, "cluster": config.cluster, "node": config.name,
-                "links": {"health": "/health", "slc": "/slc", "api": "/openapi.json"}}
+                "links": {"health": "/health", "slc": "/slc", "status": "/status", "api": "/openapi.json"}}
+
+    # The deployment's status page, as the fleet-state run last wrote it; the node only reads it.
+    @app.get("/status", include_in_schema=False)
+    def status(request: Request):
+        return status_page_response(config.status_page, request.headers.get("if-none-match"))
 
     @app.get("/health", response_model=Health, operation_id="health", **_docs("health"), tags=["node"])
     def health():
@@ -175,6 +183,39 @@ def create_app(config: NodeConfig, heartbeat: bool = True) -> FastAPI:
         return node.enroll(body.cluster, body.credential, body.csr, urls, body.revoked_key_ids)
 
     return app
+
+
+# The page is inert (no script, nothing fetched) and says so to the browser; a browser asks again every time
+# (no-cache) and gets 304 while the page is the same.
+STATUS_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src data:",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+    "Referrer-Policy": "no-referrer",
+}
+NO_STATUS_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>No status page yet</title></head>
+<body><h1>No status page yet</h1>
+<p>This node serves the deployment's status page once the fleet-state run has written it into the node's
+folder:</p>
+<pre>ansible-playbook -i INVENTORY playbooks/fleet_state.yml</pre>
+<p>or, from a fleet-state JSON file: <code>rmsd status-page --state fleet-state.json --output PATH</code>
+(PATH: status.html beside the node's rmsd.toml).</p></body></html>
+"""
+
+
+def status_page_response(path: str | None, if_none_match: str | None) -> Response:
+    try:
+        body = Path(path).read_bytes() if path else None
+    except (FileNotFoundError, NotADirectoryError):
+        body = None
+    if body is None:
+        return HTMLResponse(NO_STATUS_PAGE, status_code=404, headers=STATUS_HEADERS)
+    etag = f'"{hashlib.sha256(body).hexdigest()[:32]}"'
+    headers = {**STATUS_HEADERS, "ETag": etag}
+    if if_none_match and etag in [tag.strip() for tag in if_none_match.split(",")]:
+        return Response(status_code=304, headers=headers)
+    return HTMLResponse(body, headers=headers)
 
 
 def _docs(operation_id: str) -> dict:

@@ -12,7 +12,7 @@ HEARTBEAT_STALE_AFTER = 3  # heartbeats missed before a node counts as down
 EMPTY = {
     "exists": False, "cluster": {}, "nodes": [], "cluster_keys": [], "slc": {}, "root_slc": {},
     "untrusted_root_key_ids": [], "content_per_key": {}, "rights_templates": [], "enrollment_credentials": [],
-    "enrollments": [],
+    "enrollments": [], "republishing": [],
 }
 
 
@@ -58,6 +58,8 @@ def _info(conn, name) -> dict | None:
         # licensing: root keys revoked as compromised, whose SLCs and RACs it no longer trusts
         "untrusted_root_key_ids": untrusted,
         "content_per_key": clusters.content_counts(conn, row.id),
+        # per compromised key: its content still pending and republished, and the progress over time
+        "republishing": clusters.republishing_progress(conn, row.id),
         "rights_templates": [template_view(t) for t in clusters.templates_of(conn, row.id)],
         # Metadata only: the secret's hash never leaves the database.
         "enrollment_credentials": [
