@@ -90,6 +90,8 @@ def test_a_key_password_or_a_token_passes_the_argument_validation(tmp_path, role
 PLAYBOOKS = REPO / "playbooks"
 ROOT_HOST = {"root_cluster_name": "corp", "root_cluster_intranet_url": "https://rms.example.com"}
 LICENSING_HOST = {"licensing_cluster_name": "finance", "licensing_cluster_intranet_url": "https://finance.example.com"}
+# The first task of rotate_compromised_key.yml, and the one after the folder's of backup_key.yml.
+CHECKS = ("Refuse to start without the cluster key password", "Refuse to run without the cluster key password")
 BACKUP = {"backup_key_dir": "/nonexistent/backups", "backup_key_password": "tpd-password-of-at-least-12"}
 
 
@@ -149,8 +151,7 @@ def test_a_playbook_given_the_key_password_goes_past_the_check(tmp_path, playboo
     proc = run_playbook(tmp_path, playbook, given if root else None, None if root else given)
     output = proc.stdout + proc.stderr
     ran = tasks(proc.stdout)
-    check = next(i for i, name in enumerate(ran) if name.startswith("Refuse to run without the cluster key password")
-                 or name.startswith("Refuse to start without the cluster key password"))
+    check = next(i for i, name in enumerate(ran) if name.startswith(CHECKS))
     # Later tasks ran (the cluster does not exist: the run may stop there, never at the check).
     assert len(ran) > check + 1, output
     assert "is required" not in output
