@@ -102,7 +102,9 @@ def summary(output: str, task: str) -> list[str]:
     """The lines the summary task printed."""
     found = re.search(rf"TASK \[{re.escape(task)}\] \*+\nok: \[[^\]]+\] => (\{{.*?\n\}})\n", output, re.DOTALL)
     assert found, output
-    return json.loads(found.group(1))["msg"]
+    lines = json.loads(found.group(1))["msg"]
+    print("\n".join([f"--- {task}", *lines]))
+    return lines
 
 
 ROTATION = "Show each cluster's URL, active key, compromised keys, restarts and compromise report"
