@@ -144,7 +144,6 @@ class Deployment:
                     "server_venv_dir": str(VENV), "server_install_done": True,
                     "server_rmsd_python": sys.executable, "server_rmsd_ready": True,
                     "server_service_manager": "supervisord", "server_user": "root",
-                    "server_health_delay": 1,
                 }},
                 "balancers": {"hosts": balancers, "vars": {
                     "load_balancer_base_dir": str(self.root / "lb"),
@@ -170,6 +169,8 @@ class Deployment:
         if proc.returncode != expect_rc:
             pytest.fail(f"ansible-playbook {playbook.name} {' '.join(args)} exited {proc.returncode}:\n{output}")
         assert self.key_password not in output
+        # Waits for a node (started, restarted) print no line that reads like a failure.
+        assert "FAILED - RETRYING" not in output, output
         return output, recap(output)
 
     def balance(self, *args: str, hosts: str = "balancers", extra: dict | None = None) -> tuple[str, dict]:
