@@ -216,7 +216,7 @@ republishing:
       type: int
     series:
       description:
-        - Still to be republished over time, at most 25 points evenly spaced from RV(republishing.compromised_at)
+        - Still to be republished over time, at most 25 points evenly spaced from RV(republishing[].compromised_at)
           to the latest republishing (one point when nothing was republished since). The times come from the
           data, none from the clock, so the series changes only when the content does.
       type: list
