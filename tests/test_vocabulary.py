@@ -105,6 +105,8 @@ def module_options(path: Path) -> dict:
     doc = yaml.safe_load(_constant(path, "DOCUMENTATION"))
     options = dict(doc.get("options") or {})
     for reference in doc.get("extends_documentation_fragment") or []:
+        if reference.startswith("ansible.builtin."):
+            continue  # ansible-core's own (files: owner, group, mode), which speak no rmsd vocabulary
         for name, spec in (_fragment(reference).get("options") or {}).items():
             options.setdefault(name, spec)
     return options
