@@ -15,9 +15,11 @@ from conftest import KEY_PASSWORD, _running_node, postgres_database, sqlite_data
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from jwcrypto import jwk, jws
 
-from rmsd import admin, pki
+from rmsd import admin, clusters, pki
 from rmsd.client import RmsClient, ServiceError, User, decrypt_content, encrypt_content, open_use_license
+from rmsd.config import load_node_config
 from rmsd.errors import RmsdError
+from rmsd.node import Node as RmsNode
 from rmsd.schema import cluster_keys, utcnow
 
 
@@ -170,3 +172,37 @@ def test_health_advises_a_restart_once_a_key_was_revoked_after_the_node_started(
     rotate(fresh_node, compromised_keys=[health["active_key_id"]])
     after = httpx.get(f"{fresh_node.url}/health").json()  # at once: /health reads the cluster afresh
     assert after["restart_advised"] is True and after["active_key_id"] != health["active_key_id"]
+
+
+@pytest.fixture
+def postgresql_node(tmp_path, pg):
+    yield from _running_node(tmp_path, postgres_database(pg))
+
+
+def test_a_rotation_committed_while_a_node_reads_its_cluster_shows_it_before_or_after_never_between(
+        postgresql_node, monkeypatch):
+    """A node reads its keys once per refresh. A compromise committed in the middle of the refresh shows
+    the node the cluster before it (the next refresh shows it after), never its active key as compromised:
+    with a second read of the keys, that request failed with 'was revoked as compromised'. (PostgreSQL
+    only: on SQLite a refresh holds the database lock, so no rotation commits during it.)"""
+    fresh_node = postgresql_node
+    reader = RmsNode(load_node_config(fresh_node.config_path))
+    try:
+        old = reader.state().active.key_id
+        read_keys, rotations = clusters.keys_of, []
+
+        def keys_then_a_rotation_commits(conn, cluster_id):
+            rows = read_keys(conn, cluster_id)
+            if not rotations:
+                rotations.append("started")  # the rotation reads the keys too
+                rotations.append(rotate(fresh_node, compromised_keys=[old]))
+            return rows
+
+        monkeypatch.setattr(clusters, "keys_of", keys_then_a_rotation_commits)
+        during = reader.state(refresh=True)
+        assert rotations[-1].changed and during.active.key_id == old
+        monkeypatch.undo()
+        after = reader.state(refresh=True)
+        assert after.active.key_id == rotations[-1].facts["active_key_id"] != old and old in after.revoked
+    finally:
+        reader.stop()

@@ -270,6 +270,9 @@ def test_tpd_export_says_plainly_what_a_token_cannot_export(tmp_path, token):
     (key,) = document["keys"]
     assert key["private_key_pem"] is None and "not extractable" in key["not_exported"]
     assert any(c["key_id"] == row.id for c in document["certificates"])
+    again = admin.ensure_trusted_publishing_domain(cluster="c1", pkcs11=token, path=str(path),
+                                                    password=TPD_PASSWORD, **database.admin_args())
+    assert again.changed is False and tpd.unseal(path.read_text(), TPD_PASSWORD) == document
 
 
 def test_tpd_import_puts_software_keys_into_the_token(tmp_path, token):

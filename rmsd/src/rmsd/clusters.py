@@ -46,7 +46,12 @@ def key_row(conn: sa.Connection, key_id: str):
 
 
 def active_key_row(conn: sa.Connection, cluster_id: int):
-    rows = [k for k in keys_of(conn, cluster_id) if k.status == "active"]
+    return active_among(keys_of(conn, cluster_id))
+
+
+def active_among(key_rows: list):
+    """The active key among a cluster's key rows (read together, so they agree with each other)."""
+    rows = [k for k in key_rows if k.status == "active"]
     if len(rows) != 1:
         raise RmsdError(f"cluster has {len(rows)} active keys instead of exactly one; the database is damaged")
     return rows[0]
@@ -103,7 +108,11 @@ def set_key_ciphertext(conn: sa.Connection, key_id: str, encrypted_private_key: 
 
 def compromised_keys(conn: sa.Connection, cluster_id: int) -> dict[str, datetime]:
     """Key id -> when it was revoked, for the cluster's keys revoked as compromised."""
-    return {k.id: k.status_changed_at for k in keys_of(conn, cluster_id) if k.status == "compromised"}
+    return compromised_among(keys_of(conn, cluster_id))
+
+
+def compromised_among(key_rows: list) -> dict[str, datetime]:
+    return {k.id: k.status_changed_at for k in key_rows if k.status == "compromised"}
 
 
 def compromised_key_ids(conn: sa.Connection, cluster_id: int) -> list[str]:

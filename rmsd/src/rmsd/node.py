@@ -99,6 +99,13 @@ class Node:
             row = clusters.key_row(conn, key_id)
             if row is None:
                 raise NotFoundError(f"cluster key {key_id} is not known to this cluster")
+            return self._key_of(row)
+        return self._keys[key_id]
+
+    def _key_of(self, row) -> ClusterKey:
+        """The key a row stores, opened once per process; never a key revoked as compromised."""
+        key_id = row.id
+        if key_id not in self._keys:
             if row.status == "compromised":
                 raise RevokedError(f"cluster key {key_id} was revoked as compromised; it is never used again")
             try:
@@ -132,11 +139,14 @@ class Node:
                     row = clusters.get_cluster(conn, self.config.cluster)
                     if row is None:
                         raise RmsdError(f"cluster {self.config.cluster!r} is not in the configuration database")
-                    key_row = clusters.active_key_row(conn, row.id)
-                    revoked = clusters.compromised_keys(conn, row.id)
+                    # One read of the keys: with two, a rotation committed between them would show the
+                    # active key of the first as compromised in the second.
+                    key_rows = clusters.keys_of(conn, row.id)
+                    key_row = clusters.active_among(key_rows)
+                    revoked = clusters.compromised_among(key_rows)
                     for key_id in revoked:  # never again used by this process
                         self._keys.pop(key_id, None)
-                    active = self.load_key(conn, key_row.id)
+                    active = self._key_of(key_row)
                     slc = clusters.current_slc_row(conn, row.id, key_row.id)
                     chain = [slc.pem]
                     if row.role == "licensing":
