@@ -395,3 +395,30 @@ def test_cluster_on_an_older_schema_is_read_and_upgraded(database):
 def test_head_revision_is_alembics_head():
     """db.HEAD_REVISION is a constant (no alembic import per module run): it must name the newest migration."""
     assert db.HEAD_REVISION == db.alembic_head_revision()
+
+
+def test_a_nodes_sqlite_reads_leave_writers_free_and_never_write(tmp_path):
+    """The per-request reads of a node hold no transaction on SQLite: a writer commits while a reader's
+    connection is open and has read, and the reader refuses to write."""
+    import sqlite3
+
+    import sqlalchemy as sa
+
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'config.db'}")
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE t (x INTEGER)"))
+    reader = db.make_reader(engine)
+    try:
+        with reader.connect() as conn:
+            assert conn.execute(sa.text("SELECT count(*) FROM t")).scalar() == 0
+            writer = sqlite3.connect(tmp_path / "config.db", timeout=2, isolation_level=None)
+            writer.execute("BEGIN IMMEDIATE")
+            writer.execute("INSERT INTO t VALUES (1)")
+            writer.execute("COMMIT")
+            writer.close()
+            assert conn.execute(sa.text("SELECT count(*) FROM t")).scalar() == 1
+            with pytest.raises(sa.exc.OperationalError, match="readonly"):
+                conn.execute(sa.text("INSERT INTO t VALUES (2)"))
+    finally:
+        reader.dispose()
+        engine.dispose()

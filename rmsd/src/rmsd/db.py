@@ -58,6 +58,23 @@ def make_engine(database_url: str, password: str | None = None) -> sa.Engine:
     raise RmsdError(f"database backend {backend!r} is not supported; use sqlite:/// or postgresql://")
 
 
+def make_reader(engine: sa.Engine) -> sa.Engine:
+    """An engine for reads that need no transaction, one statement each: on PostgreSQL without BEGIN and
+    ROLLBACK round trips; on SQLite without the write lock every transaction of `engine` takes (a read
+    then holds the shared lock for its one statement), and refusing to write."""
+    if engine.dialect.name == "postgresql":
+        return engine.execution_options(isolation_level="AUTOCOMMIT")
+    reader = sa.create_engine(engine.url, connect_args={"timeout": 30})
+
+    @sa.event.listens_for(reader, "connect")
+    def _connect(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None  # the driver opens no transaction either
+        dbapi_connection.execute("PRAGMA busy_timeout = 30000")
+        dbapi_connection.execute("PRAGMA query_only = ON")
+
+    return reader
+
+
 def _sqlite_write_transactions(engine: sa.Engine) -> None:
     """SQLite: every transaction takes the write lock at BEGIN, so concurrent writers queue
     instead of failing on lock upgrade; foreign keys enforced."""

@@ -70,9 +70,7 @@ class Node:
         self.config = config
         secrets = load_secrets(config.secret_path)
         self.engine = db.make_engine(config.database_url, secrets.database_password)
-        # Reads that need no transaction: on PostgreSQL no BEGIN and ROLLBACK round trips around them.
-        self.reader = (self.engine.execution_options(isolation_level="AUTOCOMMIT")
-                       if self.engine.dialect.name == "postgresql" else self.engine)
+        self.reader = db.make_reader(self.engine)  # the per-request reads, which need no transaction
         self._key_passwords = secrets.key_passwords
         self._token = TokenSettings.for_node(config, secrets)
         self.started_at = utcnow()
@@ -182,6 +180,7 @@ class Node:
     def stop(self) -> None:
         self._stop.set()
         self.engine.dispose()
+        self.reader.dispose()
 
     # --- operations ----------------------------------------------------------------------------
 
