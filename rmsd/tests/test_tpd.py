@@ -10,7 +10,7 @@ import subprocess
 import jwcrypto.jwa
 import pytest
 from asn1crypto import pem
-from conftest import KEY_PASSWORD, _running_node, eventually, sqlite_database
+from conftest import KEY_PASSWORD, _running_node, eventually, provision, sqlite_database
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwcrypto import jwe, jwk
 
@@ -99,6 +99,36 @@ def test_export_after_a_change_keeps_the_old_file_as_a_backup(source, tmp_path):
     with pytest.raises(RmsdError, match="set backup=true"):
         tpd_call(source["node"], other, backup=False)
     assert other.read_text() == "not a tpd"
+
+
+def test_a_large_content_registry_exports_reruns_and_imports(source, tmp_path):
+    """Thousands of PLs make a TPD of megabytes, beyond the 64 KB that joserfc opens by default: the
+    export is read back (a rerun changes nothing), jwcrypto opens it, and a new cluster imports it."""
+    import sqlalchemy as sa
+
+    from rmsd.schema import clusters, content, utcnow
+
+    count = 5000
+    engine = source["node"].database.engine()
+    with engine.begin() as conn:
+        cluster_id = conn.execute(sa.select(clusters.c.id).where(clusters.c.name == "c1")).scalar_one()
+        conn.execute(content.insert(), [
+            {"pl_id": f"{i:040x}", "cluster_id": cluster_id, "content_id": f"report-{i}", "owner": f"u{i % 97}@example.com",
+             "key_id": source["key_id"], "rights": {"bob@example.com": ["VIEW"]}, "created_at": utcnow()}
+            for i in range(count)
+        ])
+    engine.dispose()
+    path = tmp_path / "c1.tpd"
+    assert tpd_call(source["node"], path).facts["tpd"]["content"] == count + 1
+    assert path.stat().st_size > 1024**2
+    assert tpd_call(source["node"], path).changed is False
+    envelope = jwe.JWE()
+    jwcrypto.jwa.default_max_pbkdf2_iterations = tpd.P2C
+    envelope.deserialize(path.read_text().strip(), key=jwk.JWK.from_password(TPD_PASSWORD))
+    assert len(json.loads(envelope.payload)["content"]) == count + 1
+    restored = sqlite_database(tmp_path / "restored")
+    provision(restored)
+    assert len(tpd_call(restored, path, state="imported").facts["imported"]["content"]) == count + 1
 
 
 def test_restore_drill_opens_old_content_in_a_new_cluster(source, tmp_path):

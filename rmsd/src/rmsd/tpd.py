@@ -27,7 +27,11 @@ TYP = "rmsd-tpd+jwe"
 ALG, ENC = "PBES2-HS512+A256KW", "A256GCM"
 P2C = 300_000  # PBKDF2 iterations of the envelope (the most joserfc accepts)
 MIN_PASSWORD_LENGTH = 12
+# joserfc refuses ciphertexts over 64 KB by default (a guard for tokens from the network); a TPD is the
+# operator's own file and holds a whole content registry, about 300 bytes per PL.
+MAX_BYTES = 4 * 1024**3
 _REGISTRY = jwe.JWERegistry(algorithms=[ALG, ENC])
+_REGISTRY.max_ciphertext_length = MAX_BYTES
 
 
 def check_password(password: str | None) -> None:
@@ -110,6 +114,8 @@ def seal(document: dict, password: str) -> str:
 def unseal(data: str, password: str) -> dict:
     """The TPD document in `data`; RmsdError when it is no TPD or the password does not open it."""
     not_opened = "the file is not a trusted publishing domain that this password opens"
+    if len(data) > MAX_BYTES * 4 // 3 + 4096:
+        raise RmsdError(f"the file is larger than a trusted publishing domain can be ({MAX_BYTES // 1024**3} GiB)")
     try:
         opened = jwe.decrypt_compact(data.strip(), OctKey.import_key(password.encode()), registry=_REGISTRY)
         if opened.plaintext is None:
