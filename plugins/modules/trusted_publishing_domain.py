@@ -132,8 +132,9 @@ backup_file:
 imported:
   description:
     - With O(state=imported), what the import added (would add, in check mode), as lists of ids; C(keys),
-      C(compromise), C(certificates), C(rights_templates), C(content), and C(skipped) (keys the TPD has no private
-      half of). Empty with O(state=exported).
+      C(compromise), C(certificates), C(rights_templates), and C(skipped) (keys the TPD has no private
+      half of); C(content) is the number of publishing licenses added (a registry may hold millions). Empty with
+      O(state=exported).
   returned: always
   type: dict
 """

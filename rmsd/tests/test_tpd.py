@@ -128,7 +128,8 @@ def test_a_large_content_registry_exports_reruns_and_imports(source, tmp_path):
     assert len(json.loads(envelope.payload)["content"]) == count + 1
     restored = sqlite_database(tmp_path / "restored")
     provision(restored)
-    assert len(tpd_call(restored, path, state="imported").facts["imported"]["content"]) == count + 1
+    imported = tpd_call(restored, path, state="imported")
+    assert imported.facts["imported"]["content"] == imported.diff["after"]["content"] == count + 1
 
 
 def test_restore_drill_opens_old_content_in_a_new_cluster(source, tmp_path):

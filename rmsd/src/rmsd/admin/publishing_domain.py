@@ -104,15 +104,20 @@ def _import(store: Store, cluster, unlock: Unlock, path: Path, password, check_m
     plan = store.read(planned)
     if plan is None:
         raise store.missing(cluster, "provision it, then import into it")
-    facts = {"tpd": dict(tpd.summary(document), path=str(path)), "imported": plan}
+    facts = {"tpd": dict(tpd.summary(document), path=str(path)), "imported": _reported(plan)}
     warnings = [f"key {s['id']} was not imported: {s['reason']}" for s in plan["skipped"]]
     if not any(plan[k] for k in ("keys", "compromise", "certificates", "rights_templates", "content")):
         return Result(changed=False, facts=facts, warnings=warnings)
-    diff = {"before": {}, "after": {k: v for k, v in plan.items() if v and k != "skipped"}}
+    diff = {"before": {}, "after": {k: v for k, v in _reported(plan).items() if v and k != "skipped"}}
     if not check_mode:
         with store.writing(cluster) as conn:
             row = clusters.get_cluster(conn, cluster)
             plan = tpd.import_plan(conn, row, document)  # again, under the lock
             tpd.apply_import(conn, row, document, plan, unlock.provider(row.key_protection), password, utcnow())
-        facts["imported"] = plan
+        facts["imported"] = _reported(plan)
     return Result(changed=True, diff=diff, facts=facts, warnings=warnings)
+
+
+def _reported(plan: dict) -> dict:
+    """The plan as a result shows it: content as a count, since a registry holds up to millions of PLs."""
+    return dict(plan, content=len(plan["content"]))
