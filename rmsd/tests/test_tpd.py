@@ -113,8 +113,9 @@ def test_a_large_content_registry_exports_reruns_and_imports(source, tmp_path):
     with engine.begin() as conn:
         cluster_id = conn.execute(sa.select(clusters.c.id).where(clusters.c.name == "c1")).scalar_one()
         conn.execute(content.insert(), [
-            {"pl_id": f"{i:040x}", "cluster_id": cluster_id, "content_id": f"report-{i}", "owner": f"u{i % 97}@example.com",
-             "key_id": source["key_id"], "rights": {"bob@example.com": ["VIEW"]}, "created_at": utcnow()}
+            {"pl_id": f"{i:040x}", "cluster_id": cluster_id, "content_id": f"report-{i}",
+             "owner": f"u{i % 97}@example.com", "key_id": source["key_id"], "rights": {"bob@example.com": ["VIEW"]},
+             "created_at": utcnow()}
             for i in range(count)
         ])
     engine.dispose()
