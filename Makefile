@@ -121,8 +121,8 @@ pytest: venv collection
 # reached over SSH) and default beside them. cluster, hsm and key_rotation share rmsd's virtualenv
 # under build/: cluster installs it first, the others find it installed and change nothing. Every
 # scenario installs from the same wheelhouse, built once in the controller's cache. Scenarios that may
-# run at the same time use addresses of their own. Each scenario's output is kept in
-# build/molecule-logs/ and printed whole when it ends.
+# run at the same time use addresses of their own. scripts/molecule-lanes.sh keeps each scenario's
+# output in build/molecule-logs/, prints it whole when it ends, and ends with a recap of why any failed.
 MOLECULE_LANES := cluster,hsm,key_rotation,backup_restore hosts,default
 MOLECULE_LOGS := $(BUILD)/molecule-logs
 
@@ -132,20 +132,7 @@ molecule: venv collection
 	laned=$$(echo $(MOLECULE_LANES) | tr ', ' '\n\n' | sort); \
 	test -n "$$scenarios" && test "$$scenarios" = "$$laned" || \
 		{ echo "MOLECULE_LANES ($(MOLECULE_LANES)) must name every scenario under molecule/: $$scenarios"; exit 1; }; \
-	mkdir -p $(MOLECULE_LOGS); \
-	pids=""; \
-	for lane in $(MOLECULE_LANES); do \
-		( for s in $${lane//,/ }; do \
-			start=$$(date +%s); \
-			if $(BIN)/molecule test -s $$s > $(MOLECULE_LOGS)/$$s.log 2>&1; then result=passed; else result=failed; fi; \
-			flock $(MOLECULE_LOGS)/.print sh -c "echo '--- molecule test -s $$s'; cat $(MOLECULE_LOGS)/$$s.log; \
-				echo '--- molecule test -s $$s $$result in '$$(( $$(date +%s) - start ))s"; \
-			test $$result = passed || exit 1; \
-		done ) & \
-		pids="$$pids $$!"; \
-	done; \
-	failed=0; for pid in $$pids; do wait $$pid || failed=1; done; \
-	exit $$failed
+	MOLECULE_LOGS=$(MOLECULE_LOGS) scripts/molecule-lanes.sh $(MOLECULE_LANES)
 
 # The demo node keeps running after `make demo`; stop it before its files go.
 clean:
