@@ -35,6 +35,7 @@ from rmsd.demo_issuer import token
 from rmsd import pki
 
 POLICY = "a new TLS connection per request, no retries"
+REQUEST_TIMEOUT = 60.0  # seconds
 
 
 class Load:
@@ -48,8 +49,9 @@ class Load:
         self.started = time.monotonic()
 
     def http(self) -> httpx.Client:
-        # No idle connection is kept: each request opens its own.
-        return httpx.Client(base_url=self.url, verify=self.tls, timeout=10.0,
+        # No idle connection is kept: each request opens its own. The timeout is for a request that hangs;
+        # a slow answer on a busy machine is still an answer.
+        return httpx.Client(base_url=self.url, verify=self.tls, timeout=REQUEST_TIMEOUT,
                             limits=httpx.Limits(max_keepalive_connections=0))
 
     def count(self, error: str | None, node: str | None = None) -> None:
@@ -160,7 +162,7 @@ def main() -> int:
     else:
         # What every request needs: a RAC and a document published for it (done before the load runs).
         rms = RmsClient(args.url)
-        rms.http = httpx.Client(base_url=args.url, verify=ssl.create_default_context(cafile=args.ca), timeout=15.0)
+        rms.http = httpx.Client(base_url=args.url, verify=ssl.create_default_context(cafile=args.ca), timeout=REQUEST_TIMEOUT)
         user = User.new("load@example.com", token(args.issuer_dir, "load@example.com", ["load"], ttl=ttl))
         rms.certify(user)
         key = encrypt_content(b"load test document")[0]
@@ -175,7 +177,7 @@ def main() -> int:
         time.sleep(1)
     stop.set()
     for worker in workers:
-        worker.join(timeout=15)
+        worker.join(timeout=REQUEST_TIMEOUT + 15)  # its last request may take up to its timeout
     write(args.out, load.result())
     if args.pid_file:
         args.pid_file.unlink(missing_ok=True)
