@@ -108,8 +108,8 @@ sanity: venv
 	scripts/sanity.sh
 
 # Three workers on two cores: much of the time goes to waiting for subprocesses. A test file
-# stays on one worker, with its module-scoped servers.
-PYTEST_ARGS ?= -x -q -n 3 --dist loadfile
+# stays on one worker, with its module-scoped servers. The slowest tests are listed at the end.
+PYTEST_ARGS ?= -x -q -n 3 --dist loadfile --durations=15
 
 pytest: venv collection
 	@$(CHECK_PACKAGES) $(PYTEST_PACKAGES)
