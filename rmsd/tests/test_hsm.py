@@ -326,6 +326,43 @@ def test_content_published_under_a_destroyed_key_is_refused(hsm_node):
     assert decrypt_content(opened, blob) == b"after"
 
 
+@pytest.mark.parametrize("action,state", [("destroy", "destroyed"), ("disable", "disabled")])
+def test_a_key_settled_in_the_token_during_a_request_refuses_it_as_revoked(hsm_node, monkeypatch, action, state):
+    """A licensing request reads its key as active; a rotation then compromises the key and destroys (or
+    disables) it in the token before the request unwraps with it. The request is answered as one made after the
+    rotation (refused as revoked, naming the content), not with the token's error (it was a 500)."""
+    from rmsd import clusters, demo_issuer
+    from rmsd.config import load_node_config
+    from rmsd.errors import RevokedError
+    from rmsd.node import Node
+
+    client = RmsClient(hsm_node["url"])
+    alice = User.new("alice@example.com", demo_issuer.token(hsm_node["issuer"], "alice@example.com"))
+    client.certify(alice)
+    content_key, _blob = encrypt_content(b"mid-request")
+    pl = client.publish(alice, "doc-mid", content_key, {"alice@example.com": ["VIEW"]})["pl"]
+    (old,) = key_rows(hsm_node["database"])
+    node = Node(load_node_config(hsm_node["config_path"]))
+    try:
+        principal = node.authenticate(alice.token)
+        assert node.license(principal, pl, alice.rac_pem)["content_id"] == "doc-mid"  # the key is loaded
+        read_checks, rotations = clusters.license_checks, []
+
+        def checks_then_a_rotation_destroys_the_key(*args, **kwargs):
+            checked = read_checks(*args, **kwargs)
+            if not rotations:
+                rotations.append(rotate(hsm_node["database"], hsm_node["token"], compromised_keys=[old.id],
+                                        compromised_key_in_token=action))
+            return checked
+
+        monkeypatch.setattr(clusters, "license_checks", checks_then_a_rotation_destroys_the_key)
+        with pytest.raises(RevokedError, match="doc-mid"):
+            node.license(principal, pl, alice.rac_pem)
+        assert rotations[0].changed and rotations[0].facts["token"] == {old.id: state}
+    finally:
+        node.stop()
+
+
 def test_concurrent_requests_share_the_token_safely(hsm_node):
     """A node's request threads share one token session: many use licenses at once all succeed, and the
     node stays up."""

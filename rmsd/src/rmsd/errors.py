@@ -23,3 +23,8 @@ class InvalidRequestError(RmsdError):
 
 class RevokedError(RmsdError):
     """What was asked for is protected by a key that was revoked as compromised."""
+
+
+class KeyUnavailableError(RmsdError):
+    """A cluster key's private half cannot be used: its token object is gone or may no longer sign or
+    decrypt, as when a rotation settles a compromised key in the token."""

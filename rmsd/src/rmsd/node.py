@@ -21,6 +21,7 @@ from rmsd.errors import (
     AuthenticationError,
     ForbiddenError,
     InvalidRequestError,
+    KeyUnavailableError,
     NotFoundError,
     RevokedError,
     RmsdError,
@@ -277,6 +278,16 @@ class Node:
         return self._issuing(issue)
 
     def license(self, user: Principal, pl_token: str, rac_pem: str) -> dict:
+        try:
+            return self._license(user, pl_token, rac_pem)
+        except KeyUnavailableError:
+            # A rotation settled a compromised key in the token (destroyed or disabled it) after this request
+            # read that key as active. Read the cluster again and answer as a request made after the
+            # rotation: refused for content under that key, signed with the new active key otherwise.
+            self.state(refresh=True)
+            return self._license(user, pl_token, rac_pem)
+
+    def _license(self, user: Principal, pl_token: str, rac_pem: str) -> dict:
         state = self.state()
         now = utcnow()
         rac = self._trusted_rac(state, rac_pem, now)

@@ -39,6 +39,7 @@ from rmsd.errors import (
     AuthenticationError,
     ForbiddenError,
     InvalidRequestError,
+    KeyUnavailableError,
     NotFoundError,
     RevokedError,
     RmsdError,
@@ -56,6 +57,7 @@ ERRORS = {
     NotFoundError: 404,
     InvalidRequestError: 400,
     RevokedError: 410,
+    KeyUnavailableError: 503,
 }
 PROBLEMS: dict[int | str, dict[str, Any]] = {
     code: {"model": Problem} for code in (400, 401, 403, 404, 408, 409, 410, 413, 415, 500, 503)
@@ -66,6 +68,7 @@ PROBLEM_KINDS = {
     NotFoundError: "not-found",
     InvalidRequestError: "invalid-request",
     RevokedError: "revoked",
+    KeyUnavailableError: "unavailable",
 }
 
 

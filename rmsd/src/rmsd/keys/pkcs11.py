@@ -4,6 +4,7 @@ A key is generated inside the token, sensitive and not extractable; the configur
 its public key and the token and key labels only. Signing and unwrapping content keys happen in the
 token. Every member of a cluster opens the same token with the same PIN."""
 
+import contextlib
 import functools
 import secrets
 import threading
@@ -17,7 +18,7 @@ from joserfc.jwk import RSAKey
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
 from pkcs11.util.rsa import decode_rsa_private_key
 
-from rmsd.errors import RmsdError
+from rmsd.errors import KeyUnavailableError, RmsdError
 from rmsd.keys.interface import (
     KEY_SIZES,
     ClusterKey,
@@ -112,6 +113,16 @@ def _public_key(token_public) -> rsa.RSAPublicKey:
     ).public_key()
 
 
+@contextlib.contextmanager
+def _usable():
+    """A token error while a key is used, as KeyUnavailableError: a rotation may destroy or disable a
+    compromised key while a request that read it as active still holds its handle."""
+    try:
+        yield
+    except pkcs11.PKCS11Error as err:
+        raise KeyUnavailableError(f"the cluster key cannot be used in its token ({type(err).__name__})") from None
+
+
 class _TokenPrivateKey(rsa.RSAPrivateKey):
     """A private key of the token behind cryptography's interface, so x509 builders and JOSE sign
     and decrypt through the token. Its numbers never leave the token."""
@@ -123,7 +134,7 @@ class _TokenPrivateKey(rsa.RSAPrivateKey):
     def sign(self, data, pad, algorithm):
         if not isinstance(pad, padding.PKCS1v15) or not isinstance(algorithm, hashes.SHA256):
             raise RmsdError("a token cluster key signs RSASSA-PKCS1-v1_5 with SHA-256 only")
-        with _Token.calls:
+        with _Token.calls, _usable():
             return self._handle.sign(data, mechanism=Mechanism.SHA256_RSA_PKCS)
 
     def decrypt(self, ciphertext, pad):
@@ -131,7 +142,7 @@ class _TokenPrivateKey(rsa.RSAPrivateKey):
         if name not in _OAEP:
             raise RmsdError("a token cluster key decrypts RSA-OAEP (SHA-1 or SHA-256) only")
         digest, mgf = _OAEP[name]
-        with _Token.calls:
+        with _Token.calls, _usable():
             return self._handle.decrypt(ciphertext, mechanism=Mechanism.RSA_PKCS_OAEP,
                                         mechanism_param=(digest, mgf, None))
 
