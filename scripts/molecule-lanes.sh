@@ -40,9 +40,10 @@ for lane in "$@"; do
     for scenario in ${lane//,/ }; do
         grep -q '^failed' "$logs/$scenario.result" 2>/dev/null || continue
         echo "=== why $scenario failed (the full output is above and in $logs/$scenario.log)"
-        # Ansible's failures and molecule's errors, with the lines that lead up to them; colours stripped.
+        # The first of Ansible's failures and molecule's errors, with the lines that lead up to it (where a
+        # verify task shows what it is about to check); colours stripped.
         sed 's/\x1b\[[0-9;]*m//g' "$logs/$scenario.log" \
-            | grep -E -B 8 -A 25 'fatal:|FAILED!|failed=[1-9]|ERROR|Traceback' | tail -n 200 || true
+            | grep -E -B 30 -A 25 'fatal:|FAILED!|failed=[1-9]|ERROR|Traceback' | head -n 150 || true
     done
 done
 exit "$failed"
