@@ -306,14 +306,20 @@ def test_a_node_with_the_wrong_pin_does_not_serve(tmp_path, token):
     assert not (tmp_path / "etc" / "n1.secret").exists()
 
 
-def test_content_published_under_a_destroyed_key_is_refused(hsm_node):
+def _alice_publishes(hsm_node, content_id: str):
+    """A client of the node, alice with a RAC, and the PL of a document only she may view."""
     from rmsd import demo_issuer
 
     client = RmsClient(hsm_node["url"])
     alice = User.new("alice@example.com", demo_issuer.token(hsm_node["issuer"], "alice@example.com"))
     client.certify(alice)
-    content_key, _blob = encrypt_content(b"before")
-    pl = client.publish(alice, "doc-old", content_key, {"alice@example.com": ["VIEW"]})["pl"]
+    content_key, _blob = encrypt_content(content_id.encode())
+    pl = client.publish(alice, content_id, content_key, {"alice@example.com": ["VIEW"]})["pl"]
+    return client, alice, pl
+
+
+def test_content_published_under_a_destroyed_key_is_refused(hsm_node):
+    client, alice, pl = _alice_publishes(hsm_node, "doc-old")
     (old,) = key_rows(hsm_node["database"])
     rotate(hsm_node["database"], hsm_node["token"], compromised_keys=[old.id], compromised_key_in_token="destroy")
     with pytest.raises(ServiceError) as refused:
@@ -331,16 +337,12 @@ def test_a_key_settled_in_the_token_during_a_request_refuses_it_as_revoked(hsm_n
     """A licensing request reads its key as active; a rotation then compromises the key and destroys (or
     disables) it in the token before the request unwraps with it. The request is answered as one made after the
     rotation (refused as revoked, naming the content), not with the token's error (it was a 500)."""
-    from rmsd import clusters, demo_issuer
+    from rmsd import clusters
     from rmsd.config import load_node_config
     from rmsd.errors import RevokedError
     from rmsd.node import Node
 
-    client = RmsClient(hsm_node["url"])
-    alice = User.new("alice@example.com", demo_issuer.token(hsm_node["issuer"], "alice@example.com"))
-    client.certify(alice)
-    content_key, _blob = encrypt_content(b"mid-request")
-    pl = client.publish(alice, "doc-mid", content_key, {"alice@example.com": ["VIEW"]})["pl"]
+    _client, alice, pl = _alice_publishes(hsm_node, "doc-mid")
     (old,) = key_rows(hsm_node["database"])
     node = Node(load_node_config(hsm_node["config_path"]))
     try:
