@@ -30,20 +30,35 @@ done
 failed=0
 for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
 
+strip_colours() { sed 's/\x1b\[[0-9;]*m//g' "$1"; }
+
+failed_scenarios=()
+for lane in "$@"; do
+    for scenario in ${lane//,/ }; do
+        grep -q '^failed' "$logs/$scenario.result" 2>/dev/null && failed_scenarios+=("$scenario")
+    done
+done
+for scenario in "${failed_scenarios[@]}"; do
+    echo "=== why $scenario failed (the full output is above and in $logs/$scenario.log)"
+    # The first of Ansible's failures and molecule's errors, with the lines that lead up to it (where a
+    # verify task shows what it is about to check).
+    strip_colours "$logs/$scenario.log" \
+        | grep -E -B 30 -A 25 'fatal:|FAILED!|failed=[1-9]|ERROR|Traceback' | head -n 150 || true
+done
+
+# Last, because a long run's output is often read from its end only: every scenario's result, then each
+# failed scenario's first failing task and its message.
 echo "=== molecule recap"
 for lane in "$@"; do
     for scenario in ${lane//,/ }; do
         echo "$scenario: $(cat "$logs/$scenario.result" 2>/dev/null || echo 'not run (an earlier scenario of its lane failed)')"
     done
 done
-for lane in "$@"; do
-    for scenario in ${lane//,/ }; do
-        grep -q '^failed' "$logs/$scenario.result" 2>/dev/null || continue
-        echo "=== why $scenario failed (the full output is above and in $logs/$scenario.log)"
-        # The first of Ansible's failures and molecule's errors, with the lines that lead up to it (where a
-        # verify task shows what it is about to check); colours stripped.
-        sed 's/\x1b\[[0-9;]*m//g' "$logs/$scenario.log" \
-            | grep -E -B 30 -A 25 'fatal:|FAILED!|failed=[1-9]|ERROR|Traceback' | head -n 150 || true
-    done
+for scenario in "${failed_scenarios[@]}"; do
+    echo "=== $scenario: its first failure"
+    strip_colours "$logs/$scenario.log" | awk '
+        /^TASK \[/ { task = $0 }
+        /fatal:|FAILED!|^ERROR|Traceback/ { print task; print substr($0, 1, 3000); found = 1; exit }
+        END { if (!found) print "(no failing task found: see the log)" }' || true
 done
 exit "$failed"
