@@ -204,6 +204,8 @@ def test_decommissioned_cluster_only_serves_use_licenses(node, dept):
     RmsClient(node.url).certify(alice)
     content_key, _blob = encrypt_content(b"before decommissioning")
     pl = lic.publish(alice, "dept-old", content_key, {"alice@example.com": ["VIEW"]})
+    # The extranet URL as the decommissioning below declares it, whichever tests ran before this one.
+    licensing(dept["database"], node, "dept", credential_secret=None, extranet_url="https://dept.partner.example.com")
     check = licensing(dept["database"], node, "dept", state="decommissioned", credential_secret=None,
                       extranet_url="https://dept.partner.example.com", check_mode=True)
     assert check.changed and check.diff == {"before": {"state": "provisioned"}, "after": {"state": "decommissioned"}}
