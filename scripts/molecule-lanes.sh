@@ -56,9 +56,12 @@ for lane in "$@"; do
 done
 for scenario in "${failed_scenarios[@]}"; do
     echo "=== $scenario: its first failure"
+    # Molecule frames Ansible's output ("  │ TASK [...]") and spreads a failure's message over the lines after it.
     strip_colours "$logs/$scenario.log" | awk '
-        /^TASK \[/ { task = $0 }
-        /fatal:|FAILED!|^ERROR|Traceback/ { print task; print substr($0, 1, 3000); found = 1; exit }
+        found && shown < 20 { print substr($0, 1, 500); shown++; next }
+        found { exit }
+        /TASK \[/ { task = $0 }
+        /fatal:|FAILED!|\[ERROR\]|^ERROR|Traceback/ { print task; print substr($0, 1, 500); found = 1 }
         END { if (!found) print "(no failing task found: see the log)" }' || true
 done
 exit "$failed"
