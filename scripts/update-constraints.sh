@@ -10,7 +10,7 @@ direct=(
     psycopg==3.3.9 psycopg-binary==3.3.9 joserfc==1.8.0 jwcrypto==1.6.1
     cryptography==50.0.2 asn1crypto==1.5.1 tomli-w==1.2.0 httpx==0.28.1
     supervisor==4.3.0 pytest==9.2.0 schemathesis==4.32.5 pytest-xdist==3.8.0 aiosmtpd==1.4.6 jinja2==3.1.6
-    python-pkcs11==0.10.1 mypy==2.4.1 ansible-builder==3.2.0 antsibull-changelog==0.36.0 antsibull-docs==2.28.0 sphinx==9.0.4 py-spy==0.4.3
+    python-pkcs11==0.10.1 zxcvbn==4.5.0 mypy==2.4.1 ansible-builder==3.2.0 antsibull-changelog==0.36.0 antsibull-docs==2.28.0 sphinx==9.0.4 py-spy==0.4.3
     ruff
 )
 venv=$(mktemp -d)
