@@ -9,6 +9,7 @@ PYTHON ?= python3
 VENV := $(CURDIR)/.venv
 BIN := $(VENV)/bin
 VENV_STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
 BUILD := $(CURDIR)/build
 
 # The collection is resolved from this repository through a symlink, so edits
@@ -20,6 +21,9 @@ export ANSIBLE_COLLECTIONS_PATH := $(COLLECTIONS_ROOT)
 # ~/.ansible/collections can shadow the working tree.
 export ANSIBLE_HOME := $(BUILD)/ansible-home
 export PATH := $(BIN):$(PATH)
+# pip's download cache too (the virtualenv, the wheelhouse the server role builds): nothing is written
+# outside the checkout unless the caller chose a cache of its own.
+export PIP_CACHE_DIR ?= $(BUILD)/pip-cache
 
 DEMO_PLAYBOOK := playbooks/demo.yml
 DEMO_INVENTORY := playbooks/inventories/demo
@@ -47,12 +51,18 @@ help:
 
 venv: $(VENV_STAMP)
 
-# The Makefile too: the package list below lives here.
+# The Makefile too: the package lists below live here.
 $(VENV_STAMP): constraints.txt rmsd/pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c constraints.txt \
 		-e 'rmsd[test]' ansible-core molecule ansible-lint ruff mypy jwcrypto schemathesis pytest supervisor \
 		ansible-builder antsibull-changelog antsibull-docs
+	touch $@ $(DEMO_STAMP)
+
+# The demo needs Ansible only on the controller side: the server role builds rmsd's own virtualenv.
+$(DEMO_STAMP): constraints.txt Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -c constraints.txt ansible-core
 	touch $@
 
 collection: $(COLLECTION_LINK)
@@ -61,7 +71,7 @@ $(COLLECTION_LINK):
 	mkdir -p $(dir $@)
 	ln -sfn $(CURDIR) $@
 
-demo: venv collection
+demo: $(DEMO_STAMP) collection
 	$(BIN)/ansible-playbook -i $(DEMO_INVENTORY) $(DEMO_PLAYBOOK) $(DEMO_ARGS)
 
 # The module and role docs and the guides (docs/docsite/), as antsibull-docs renders them for a docsite.
@@ -134,9 +144,15 @@ molecule: venv collection
 		{ echo "MOLECULE_LANES ($(MOLECULE_LANES)) must name every scenario under molecule/: $$scenarios"; exit 1; }; \
 	MOLECULE_LOGS=$(MOLECULE_LOGS) scripts/molecule-lanes.sh $(MOLECULE_LANES)
 
-# The demo node keeps running after `make demo`; stop it before its files go.
+# The demo node keeps running after `make demo`; stop it before its files go. Releases before 0.2.0 ran
+# the demo under systemd when root on a systemd machine: that unit goes too, when it is this checkout's.
+LEGACY_DEMO_UNIT := /etc/systemd/system/rmsd-rms-demo.service
+
 clean:
 	for conf in .demo/nodes/*/supervisord.conf; do \
 		if [ -e "$$conf" ]; then .demo/venv/bin/supervisorctl -c "$$conf" shutdown || true; fi; \
 	done
+	if [ -w $(dir $(LEGACY_DEMO_UNIT)) ] && grep -qF '$(CURDIR)/.demo/' $(LEGACY_DEMO_UNIT) 2>/dev/null; then \
+		systemctl disable --now $(notdir $(LEGACY_DEMO_UNIT)) && rm -f $(LEGACY_DEMO_UNIT) && systemctl daemon-reload; \
+	fi
 	rm -rf $(VENV) $(BUILD) .demo

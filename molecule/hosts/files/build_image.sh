@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the base image of the `hosts` scenario once and prints its tag on stdout (progress goes
 # to stderr): a Debian 12 machine with systemd as PID 1, sshd, sudo, Python, HAProxy and
-# PostgreSQL installed but not started. The tag is localhost/rmsops-hosts:<first 16 hex digits of
+# PostgreSQL installed but not started, and git and make (a newcomer clones the repository and runs
+# `make demo` on one). The tag is localhost/rmsops-hosts:<first 16 hex digits of
 # the sha256 of this file>, so any change to the package list or the hooks below builds a new
 # image, and an existing tag is reused at once. Needs root, mmdebstrap and podman.
 #
@@ -14,6 +15,7 @@ set -euo pipefail
 readonly packages=(
     systemd systemd-sysv dbus openssh-server sudo
     python3 python3-venv python3-apt
+    git make
     procps iproute2 openssl ca-certificates
     haproxy postgresql
 )
