@@ -22,7 +22,7 @@ DEFAULT_BASE_DIR = "/var/lib/rmsd"
 CONFIG_HELP = ("the node's configuration file; default: $RMSD_CONFIG, else the one node's rmsd.toml under "
                f"$RMSD_BASE_DIR/*/ (RMSD_BASE_DIR defaults to {DEFAULT_BASE_DIR}, where the server role installs it)")
 LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-DNS_NAME = re.compile(rf"^(?=.{{1,253}}$){LABEL}(\.{LABEL})*$")
+DNS_NAME = re.compile(rf"(?=.{{1,253}}\Z){LABEL}(\.{LABEL})*")
 
 
 def config_path(given: str | None) -> str:
@@ -135,7 +135,7 @@ def _tls_request(args) -> int:
         raise RmsdError(f"--address {args.address!r} is not an IP address (the node's listen_address)") from None
     names = list(dict.fromkeys(n.lower().rstrip(".") for n in args.dns or []))
     for name in names:
-        if not DNS_NAME.match(name):
+        if not DNS_NAME.fullmatch(name):
             raise RmsdError(f"--dns {name!r} is not a DNS name (letters, digits and '-', labels separated by '.')")
     path = Path(args.key)
     if not path.is_absolute():
