@@ -3,12 +3,13 @@ and enrollment credentials. Checked when a secret is set (a new cluster, a passw
 new credential), never when an existing one is only used, so a cluster made under an older policy still
 opens.
 
-A secret is refused when it is shorter than the minimum, has fewer than MIN_DISTINCT different characters,
-is one block repeated ("abcabcabcabc"), is a run of consecutive characters ("123456789012",
-"abcdefghijkl"), is on the list of common passwords shipped with rmsd (common_passwords.txt), is a common
-password with digits and symbols around it ("Password2026!"), or when zxcvbn, a password strength estimator
-that knows dictionaries, names, keyboard patterns, dates and substitutions, finds it in fewer than
-MIN_GUESSES guesses ("Summer2026!!", "1qaz2wsx3edc").
+A secret is refused when it is shorter than the minimum (or longer than MAX_LENGTH), has fewer than
+MIN_DISTINCT different characters, is one block repeated ("abcabcabcabc"), is a run of consecutive
+characters or keyboard keys ("123456789012", "abcdefghijkl", "1qaz2wsx3edc"), is on the list of common
+passwords shipped with rmsd (common_passwords.txt: "qwertyuiop12"), is a common password with digits and
+symbols around it ("Password2026!"), is made of common words and the words deployments are named with
+("rmsd-prod-01"), or when zxcvbn, a password strength estimator that knows dictionaries, names, keyboard
+patterns, dates and substitutions, finds it in fewer than MIN_GUESSES guesses ("Summer2026!!").
 
 One bar for all three: each can be guessed offline from a copy of the configuration database or of a
 backup, where nothing limits the rate but the scrypt each guess costs. A key password opens the cluster key
@@ -56,6 +57,8 @@ RUNS = ("0123456789", "abcdefghijklmnopqrstuvwxyz", "qwertyuiopasdfghjklzxcvbnm"
         "1qaz2wsx3edc4rfv5tgb6yhn7ujm8ik,9ol.0p;/", "zaq1xsw2cde3vfr4bgt5nhy6mju7,ki8.lo9/;p0")
 
 
+# The entries of 12 characters or more of the 20,000 common passwords Django ships (compiled by Royce Williams),
+# under Django's BSD 3-Clause licence, which the file's header holds.
 @cache
 def common_passwords() -> frozenset[str]:
     """The shipped list of common passwords (lowercase), without its header (the lines up to the first blank)."""
