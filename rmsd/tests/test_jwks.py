@@ -508,6 +508,26 @@ def test_requests_waiting_for_a_fetch_are_bounded_and_others_do_not_wait(issuer_
     assert len(answered) == len(flood) and verifier.fetches == 2
 
 
+def test_a_scheduled_refresh_does_not_hold_requests(issuer_key, monkeypatch):
+    """When the key set is due to be read again, requests go on verifying with it while the fetch runs."""
+    monkeypatch.setattr(identity, "FETCH_SECONDS", 60.0)  # the held fetch outlasts the test's checks
+    server = JwksServer([issuer_key])
+    verifier = identity.TokenVerifier(demo_issuer.ISSUER, demo_issuer.AUDIENCE, server.url, jwks_ttl=1)
+    verifier.verify(sign(issuer_key, "first@example.com"))
+    server.release.clear()
+    try:
+        time.sleep(1.1)  # the key set is now due
+        request = threading.Thread(target=verifier.verify, args=(sign(issuer_key, "during@example.com"),))
+        request.start()
+        request.join(30)
+        assert not request.is_alive()
+        eventually(lambda: _at_least([None] * server.requests, 2))  # the scheduled fetch is under way, held
+        assert verifier.fetches == 1
+    finally:
+        server.release.set()
+        server.close()
+
+
 def _at_least(items: list, count: int) -> None:
     assert len(items) >= count, len(items)
 
