@@ -156,9 +156,6 @@ def _download(uri: str, shown: str) -> bytes:
             if encoding != "identity":
                 raise RmsdError(f"the issuer's JWKS at {shown} came with content encoding {encoding[:40]!r}; "
                                 "rmsd reads it uncompressed")
-            declared = response.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > MAX_JWKS_BYTES:
-                raise RmsdError(f"the issuer's JWKS at {shown} is larger than {MAX_JWKS_BYTES} bytes")
             data = bytearray()
             for chunk in response.iter_raw():
                 data += chunk
@@ -311,7 +308,7 @@ class TokenVerifier:
         except (OSError, httpx.HTTPError) as err:
             reason = (err.strerror if isinstance(err, OSError) else str(err)) or type(err).__name__
             raise RmsdError(f"the issuer's JWKS at {shown} cannot be read: {reason}") from None
-        except (ValueError, TypeError, KeyError, AttributeError, JoseError) as err:
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError, JoseError) as err:
             raise RmsdError(f"the issuer's JWKS at {shown} is not a JSON Web Key Set with a usable key "
                             f"({type(err).__name__})") from None
         return keys
