@@ -286,7 +286,7 @@ class TokenVerifier:
 
     def _unreadable(self) -> str:
         return (f"bearer token not verified: the issuer's signing keys (JWKS at {_shown(self.jwks_uri)}) could not "
-                f"be read yet; try again in {self.retry_interval:.0f} s")
+                f"be read yet; try again later (this node reads them again within {self.retry_interval:.0f} s)")
 
     def _load_jwks(self) -> KeySet:
         """The issuer's key set, read within FETCH_SECONDS and MAX_JWKS_BYTES (RmsdError otherwise)."""
