@@ -615,8 +615,14 @@ def test_http_jwks_off_loopback_in_a_hand_written_config_stops_the_node(cluster)
     config = tomllib.loads(config_path.read_text())
     config["node"]["identity_jwks_uri"] = "http://idp.example/.well-known/jwks.json"
     config_path.write_text(tomli_w.dumps(config))
-    with pytest.raises(RuntimeError, match="identity_jwks_uri uses plain http to idp.example"):
-        start_node(config_path, cluster["base"] / "handwritten.log")
+    log_path = cluster["base"] / "handwritten.log"
+    try:
+        _url, process = start_node(config_path, log_path)
+    except RuntimeError as refused:
+        assert "identity_jwks_uri uses plain http to idp.example" in str(refused)
+    else:
+        stop_node(process)
+        pytest.fail(f"rmsd serve started with a plain http JWKS off loopback:\n{log_path.read_text()}")
 
 
 def test_https_and_file_jwks_are_used_by_a_running_node(cluster, tmp_path, issuer_key, monkeypatch, node):
