@@ -82,7 +82,8 @@ options:
     default: rmsd
   identity_jwks_uri:
     description:
-      - Where the issuer's signing keys (JWKS) are read from, C(https://), C(http://) or C(file://).
+      - Where the issuer's signing keys (JWKS) are read from, C(https://) (certificate verified) or C(file://);
+        C(http://) only to a loopback address (refused otherwise, since anyone on the path could forge tokens).
     type: str
   tls_certificate:
     description:

@@ -51,6 +51,9 @@ class NodeConfig:
     identity_issuer: str | None = None
     identity_audience: str = "rmsd"
     identity_jwks_uri: str | None = None
+    # Seconds the issuer's JWKS, once read, is used before it is read again (default 300): a key the issuer
+    # drops stops verifying within that time.
+    identity_jwks_ttl_seconds: int | None = None
     heartbeat_seconds: int = 10
     # Cluster keys in a PKCS#11 token (key_protection pkcs11): the module and the token's label;
     # the PIN is a secret.

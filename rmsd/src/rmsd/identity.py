@@ -1,25 +1,36 @@
 """Bearer-token authentication: JWTs from a configured issuer, verified against its JWKS."""
 
 import json
+import logging
 import math
 import threading
 import time
 import unicodedata
 from dataclasses import dataclass
-from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 import httpx
-from joserfc import jwt
+from joserfc import jws, jwt
 from joserfc.errors import BadSignatureError, ClaimError, ExpiredTokenError, JoseError
 from joserfc.jwk import KeySet
 
-from rmsd import caches
+from rmsd import caches, transport
 from rmsd.errors import AuthenticationError, InvalidRequestError, RmsdError
 
+log = logging.getLogger("rmsd.identity")
+
 ALLOWED_ALGS = ["RS256", "PS256", "ES256"]
-JWKS_TTL = 300.0
 LEEWAY = 30
+# The issuer's JWKS (documented in rmsd/README.md, "Identities and principals").
+JWKS_TTL = 300.0  # seconds a key set read is used before it is read again (identity_jwks_ttl_seconds)
+MAX_JWKS_TTL = 86_400
+FORCED_REFRESH_INTERVAL = 30.0  # a token's unknown kid reads the JWKS again at most once in this many seconds
+FETCH_SECONDS = 5.0  # one read of the JWKS, connection to last byte
+MAX_JWKS_BYTES = 1024 * 1024
+MAX_KID = 256  # a longer kid is no key of the issuer's and causes no fetch
+# Requests that wait for one fetch; more are answered at once (they would hold the threads that serve the node).
+MAX_WAITING = 8
 REQUIRED_CLAIMS = ("exp", "iss", "aud", "sub")
 
 # --- the principal grammar (documented in rmsd/README.md, "Identities and principals") ------------
@@ -103,41 +114,206 @@ class Principal:
     groups: tuple[str, ...]
 
 
+def check_jwks_uri(uri: str) -> None:
+    """RmsdError unless the JWKS is read over https, from a file, or over plain http on loopback: whoever can
+    change the keys on their way can sign tokens for any user."""
+    transport.refuse_clear_url(uri, "the issuer's signing keys (anyone on the path could forge tokens for any "
+                               "user)", "identity_jwks_uri", allowed=("https", "file"))
+
+
+@dataclass(frozen=True)
+class _KeySet:
+    keys: KeySet
+    kids: frozenset[str]
+    fetched_at: float  # wall clock (the token cache's), when its fetch started
+
+    def lacks(self, header: dict) -> bool:
+        """True when a token with this JWS header names a key this set lacks (and is worth a fetch)."""
+        kid = header.get("kid")
+        return (isinstance(kid, str) and 0 < len(kid) <= MAX_KID and header.get("alg") in ALLOWED_ALGS
+                and kid not in self.kids)
+
+
+def _shown(uri: str) -> str:
+    """The URI without user information or query (which could hold a credential), for messages."""
+    parts = urlsplit(uri)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+
+
+def _download(uri: str, shown: str) -> bytes:
+    """GET `uri` (the certificate verified; no redirect followed; no content encoding), at most
+    MAX_JWKS_BYTES read within FETCH_SECONDS, else RmsdError."""
+    deadline = time.monotonic() + FETCH_SECONDS
+    headers = {"Accept": "application/json", "Accept-Encoding": "identity"}
+    with httpx.Client(timeout=FETCH_SECONDS, follow_redirects=False) as client:
+        with client.stream("GET", uri, headers=headers) as response:
+            if response.is_redirect:
+                location = response.headers.get("location", "")[:200]
+                raise RmsdError(f"the issuer's JWKS at {shown} answered a redirect to {location!r}, which is not "
+                                "followed: set identity_jwks_uri to the URL that serves the keys")
+            response.raise_for_status()
+            encoding = response.headers.get("content-encoding", "identity").lower()
+            if encoding != "identity":
+                raise RmsdError(f"the issuer's JWKS at {shown} came with content encoding {encoding[:40]!r}; "
+                                "rmsd reads it uncompressed")
+            data = bytearray()
+            for chunk in response.iter_raw():
+                data += chunk
+                if len(data) > MAX_JWKS_BYTES:
+                    raise RmsdError(f"the issuer's JWKS at {shown} is larger than {MAX_JWKS_BYTES} bytes")
+                if time.monotonic() > deadline:
+                    raise RmsdError(f"the issuer's JWKS at {shown} took longer than {FETCH_SECONDS:.0f} s to read")
+            return bytes(data)
+
+
 class TokenVerifier:
-    def __init__(self, issuer: str, audience: str, jwks_uri: str | None):
+    """Verifies bearer tokens against the issuer's JWKS. The JWKS is read outside any lock a request waits
+    on, by one fetch at a time that every request needing it shares: on a schedule (`jwks_ttl`) in the
+    background while requests go on verifying with the key set they have; for a token whose `kid` the key
+    set lacks (the issuer rotated its key) at most once per `forced_interval`. A fetch that fails keeps the
+    last good key set."""
+
+    def __init__(self, issuer: str, audience: str, jwks_uri: str | None, jwks_ttl: float | None = None,
+                 forced_interval: float = FORCED_REFRESH_INTERVAL):
         if not issuer or not jwks_uri:
             raise RmsdError("identity_issuer and identity_jwks_uri must be set to authenticate users")
+        check_jwks_uri(jwks_uri)
+        jwks_ttl = JWKS_TTL if jwks_ttl is None else jwks_ttl
+        if isinstance(jwks_ttl, bool) or not isinstance(jwks_ttl, int | float) or not 1 <= jwks_ttl <= MAX_JWKS_TTL:
+            raise RmsdError(f"identity_jwks_ttl_seconds must be a number of seconds from 1 to {MAX_JWKS_TTL} "
+                            f"(unset: {JWKS_TTL:.0f}), not {jwks_ttl!r}")
         self.issuer, self.audience, self.jwks_uri = issuer, audience, jwks_uri
-        self._keys: KeySet | None = None
-        self._fetched = self._fetched_wall = 0.0
-        self._lock = threading.Lock()
-        # Tokens verified once, until they expire or the JWKS is read again (a key the issuer dropped
-        # stops verifying then).
+        self.jwks_ttl, self.forced_interval = float(jwks_ttl), forced_interval
+        # After a failed fetch, the next one waits this long (a short TTL retries sooner).
+        self.retry_interval = min(self.jwks_ttl, FORCED_REFRESH_INTERVAL)
+        self._lock = threading.Lock()  # guards the fields below; never held during a fetch
+        self._current: _KeySet | None = None
+        self._fetching: threading.Event | None = None  # set when the fetch under way ends
+        self._waiting = 0  # requests waiting for it
+        self._next_fetch = 0.0  # monotonic: when the key set is read again
+        self._last_forced = -math.inf  # monotonic: when a token's unknown kid last caused a fetch
+        self._failing_since: float | None = None
+        self.fetches = self.failures = 0
+        # Tokens verified once, until they expire or the key set they were verified with is JWKS_TTL old
+        # (a key the issuer dropped stops verifying then). A new key set never clears it.
         self.tokens = caches.VerifiedCache("token")
 
-    def _load_jwks(self) -> KeySet:
-        url = urlparse(self.jwks_uri)
-        try:
-            if url.scheme == "file":
-                data = json.loads(Path(url.path).read_text())
-            elif url.scheme in ("http", "https"):
-                response = httpx.get(self.jwks_uri, timeout=5.0)
-                response.raise_for_status()
-                data = response.json()
-            else:
-                raise RmsdError(f"identity_jwks_uri scheme {url.scheme!r} is not supported (file, http, https)")
-            return KeySet.import_key_set(data)
-        except (OSError, ValueError, httpx.HTTPError, JoseError) as err:
-            raise AuthenticationError(f"the issuer's JWKS at {self.jwks_uri} cannot be read: {err}") from None
+    # --- the key set --------------------------------------------------------------------------------
 
-    def _keyset(self, refresh: bool = False) -> KeySet:
+    def _key_set(self) -> _KeySet:
+        """The key set to verify with now. When it is due to be read again, a fetch starts in the background
+        and this answers the current one; only before the first key set is there does a caller wait."""
         with self._lock:
-            if refresh or self._keys is None or time.monotonic() - self._fetched > JWKS_TTL:
-                self._keys = self._load_jwks()
-                self._fetched = time.monotonic()
-                self._fetched_wall = time.time()
-                self.tokens.clear()
-            return self._keys
+            current = self._current
+            if current is not None and time.monotonic() < self._next_fetch:
+                return current
+            if current is None and self._fetching is None and time.monotonic() < self._next_fetch:
+                raise AuthenticationError(self._unreadable())  # the last attempt failed: not before the retry
+            fetching = self._start_fetch()
+            if current is not None:
+                return current
+            if self._waiting >= MAX_WAITING:
+                raise AuthenticationError(self._unreadable())
+            self._waiting += 1
+        self._wait(fetching)
+        with self._lock:
+            if self._current is None:
+                raise AuthenticationError(self._unreadable())
+            return self._current
+
+    def _forced_refresh(self) -> bool:
+        """Read the JWKS again for a token whose kid the key set lacks: join the fetch under way, or start one
+        unless one was forced less than `forced_interval` ago. True when a fetch ended meanwhile."""
+        with self._lock:
+            if self._waiting >= MAX_WAITING:
+                return False
+            if self._fetching is None:
+                now = time.monotonic()
+                if now - self._last_forced < self.forced_interval:
+                    return False
+                self._last_forced = now
+            fetching = self._start_fetch()
+            self._waiting += 1
+        return self._wait(fetching)
+
+    def _wait(self, fetching: threading.Event) -> bool:
+        """Wait for the fetch to end (bounded: FETCH_SECONDS, and a fetch has no longer); the caller counted
+        itself in `_waiting`."""
+        try:
+            return fetching.wait(FETCH_SECONDS + 1)
+        finally:
+            with self._lock:
+                self._waiting -= 1
+
+    def _start_fetch(self) -> threading.Event:
+        """The fetch under way, or a new one in a thread of its own (call with the lock held)."""
+        if self._fetching is None:
+            self._fetching = threading.Event()
+            threading.Thread(target=self._fetch, args=(self._fetching,), name="jwks-fetch", daemon=True).start()
+        return self._fetching
+
+    def _fetch(self, done: threading.Event) -> None:
+        started, started_wall = time.monotonic(), time.time()
+        try:
+            keys = self._load_jwks()
+        except Exception as err:  # whatever went wrong, the last good key set stays
+            if not isinstance(err, RmsdError):
+                err = RmsdError(f"reading the issuer's JWKS at {_shown(self.jwks_uri)} failed: {type(err).__name__}")
+            with self._lock:
+                self.fetches += 1
+                self.failures += 1
+                self._next_fetch = time.monotonic() + self.retry_interval
+                first = self._failing_since is None
+                if first:
+                    self._failing_since = started
+                kept = "keeps verifying with the key set read before" if self._current else "has no key set yet"
+            if first:  # once per outage, not per attempt or request
+                log.error("%s; this node %s and tries again every %.0f s", err, kept, self.retry_interval)
+        else:
+            with self._lock:
+                self.fetches += 1
+                # Read at `started` at the earliest: tokens verified with it are kept until that + TTL at most.
+                self._current = _KeySet(keys, frozenset(str(key.kid) for key in keys), started_wall)
+                self._next_fetch = started + self.jwks_ttl
+                outage, self._failing_since = self._failing_since, None
+            if outage is not None:
+                log.warning("the issuer's JWKS at %s is readable again after %.0f s", _shown(self.jwks_uri),
+                            time.monotonic() - outage)
+        finally:
+            with self._lock:
+                self._fetching = None
+            done.set()
+
+    def _unreadable(self) -> str:
+        return (f"bearer token not verified: the issuer's signing keys (JWKS at {_shown(self.jwks_uri)}) could not "
+                f"be read yet; try again later (this node reads them again within {self.retry_interval:.0f} s)")
+
+    def _load_jwks(self) -> KeySet:
+        """The issuer's key set, read within FETCH_SECONDS and MAX_JWKS_BYTES (RmsdError otherwise)."""
+        shown = _shown(self.jwks_uri)
+        try:
+            url = urlsplit(self.jwks_uri)
+            if url.scheme == "file":
+                with open(url2pathname(url.path), "rb") as f:
+                    data = f.read(MAX_JWKS_BYTES + 1)
+                if len(data) > MAX_JWKS_BYTES:
+                    raise RmsdError(f"the issuer's JWKS at {shown} is larger than {MAX_JWKS_BYTES} bytes")
+            else:
+                data = _download(self.jwks_uri, shown)
+            keys = KeySet.import_key_set(json.loads(data))
+        except RmsdError:
+            raise
+        except httpx.HTTPStatusError as err:
+            raise RmsdError(f"the issuer's JWKS at {shown} cannot be read: HTTP {err.response.status_code}") from None
+        except (OSError, httpx.HTTPError) as err:
+            reason = (err.strerror if isinstance(err, OSError) else str(err)) or type(err).__name__
+            raise RmsdError(f"the issuer's JWKS at {shown} cannot be read: {reason}") from None
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError, JoseError) as err:
+            raise RmsdError(f"the issuer's JWKS at {shown} is not a JSON Web Key Set with a usable key "
+                            f"({type(err).__name__})") from None
+        return keys
+
+    # --- tokens -------------------------------------------------------------------------------------
 
     def verify(self, token: str) -> Principal:
         """The token's principal; AuthenticationError (HTTP 401) with a message of ours, never the JOSE
@@ -146,25 +322,22 @@ class TokenVerifier:
         found = self.tokens.get(digest)
         if found is not None:
             return found
-        fetched = self._fetched_wall  # before verifying: a JWKS read meanwhile must not lengthen the entry's life
-        principal, exp = self._verify(token)
-        # Kept until the token's own expiry (without the leeway) and the JWKS's next reading, whichever
-        # comes first ("nbf" and "iat", once passed, stay passed).
+        principal, exp, read_at = self._verify(token)
+        # Kept until the token's own expiry (without the leeway) and the JWKS_TTL after the key set it was
+        # verified with was read, whichever comes first ("nbf" and "iat", once passed, stay passed).
         if exp is not None:
-            self.tokens.put(digest, principal, min(exp, fetched + JWKS_TTL))
+            self.tokens.put(digest, principal, min(exp, read_at + self.jwks_ttl))
         return principal
 
-    def _verify(self, token: str) -> tuple[Principal, float | None]:
+    def _verify(self, token: str) -> tuple[Principal, float | None, float]:
+        """(principal, expiry, when the key set that verified it was read)."""
+        key_set = self._key_set()
         try:
-            try:
-                decoded = jwt.decode(token, self._keyset(), algorithms=ALLOWED_ALGS)
-            except (ValueError, JoseError) as err:
-                if "kid" not in str(err).lower() and "key" not in str(err).lower():
-                    raise
-                # The issuer may have rotated its signing key: fetch the JWKS again once.
-                decoded = jwt.decode(token, self._keyset(refresh=True), algorithms=ALLOWED_ALGS)
-        except AuthenticationError:
-            raise
+            header = jws.extract_compact(token.encode()).headers()
+            if key_set.lacks(header) and self._forced_refresh():
+                # The issuer may have rotated its signing key: verify with the key set just read.
+                key_set = self._key_set()
+            decoded = jwt.decode(token, key_set.keys, algorithms=ALLOWED_ALGS)
         except BadSignatureError:
             raise AuthenticationError("bearer token rejected: its signature does not verify") from None
         except (ValueError, JoseError) as err:
@@ -208,7 +381,7 @@ class TokenVerifier:
         exp = claims.get("exp")
         numeric = isinstance(exp, int | float) and not isinstance(exp, bool)
         expires = float(exp) if numeric and math.isfinite(exp) else None  # type: ignore[arg-type]
-        return Principal(subject=subject, groups=tuple(dict.fromkeys(groups))), expires
+        return Principal(subject=subject, groups=tuple(dict.fromkeys(groups))), expires, key_set.fetched_at
 
 
 def _claim_message(claim: str) -> str:

@@ -76,7 +76,8 @@ class Node:
         self._token = TokenSettings.for_node(config, secrets)
         self.started_at = utcnow()
         self.verifier = (
-            TokenVerifier(config.identity_issuer, config.identity_audience, config.identity_jwks_uri)
+            TokenVerifier(config.identity_issuer, config.identity_audience, config.identity_jwks_uri,
+                          config.identity_jwks_ttl_seconds)
             if config.identity_issuer
             else None
         )

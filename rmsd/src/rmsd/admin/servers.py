@@ -20,6 +20,7 @@ from rmsd.config import (
     write_atomic,
 )
 from rmsd.errors import RmsdError
+from rmsd.identity import check_jwks_uri
 from rmsd.keys import TokenSettings
 from rmsd.schema import utcnow
 
@@ -50,6 +51,8 @@ def ensure_server(
         if not 1 <= int(port) <= 65535:
             raise RmsdError(f"port {port} is out of range 1-65535")
         check_tls_paths(tls_certificate, tls_key)
+        if identity_jwks_uri:
+            check_jwks_uri(identity_jwks_uri)
         chosen_limits = check_http_limits(http_limits)
         workers = check_workers(workers)
         warnings = _check_tls_files(tls_certificate, tls_key, check_mode) if tls_certificate else []
