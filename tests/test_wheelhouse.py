@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -487,6 +488,42 @@ def test_install_with_no_index(built, tmp_path):
     again = run_install(args, env=no_index_env())
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout) == {"changed": False}
+
+
+# Stands in for the virtualenv's python, to see how pip is called: records its arguments and the index pip would
+# use, and fails the way pip does, repeating the URL it was given.
+PIP_PROBE = """#!/bin/sh
+printf '%s\\n' "$@" > "$(dirname "$0")/argv"
+printf '%s\\n' "$PIP_INDEX_URL" > "$(dirname "$0")/index-url"
+echo "Looking in indexes: $PIP_INDEX_URL"
+echo "ERROR: No matching distribution found for alembic"
+exit 1
+"""
+
+
+def test_an_index_url_with_a_credential_reaches_pip_in_its_environment_and_is_never_shown(built, tmp_path):
+    """server_pip_index_url reaches the host in a file and pip in its environment, never on a command line (which
+    -vvv and the host's other users see); the install removes the file once read and shows the URL without its
+    user and password, pip's own lines too."""
+    _, result = built
+    canary = "cn-" + secrets.token_hex(8)
+    url = f"http://rms-ci:{canary}@127.0.0.1:9/simple/"
+    url_file = tmp_path / "pip-index-url"
+    url_file.write_text(url + "\n")
+    venv, stamp = tmp_path / "opt" / "venv", tmp_path / "opt" / "stamp"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text(PIP_PROBE)
+    (venv / "bin" / "python").chmod(0o755)
+    proc = run_install(["--archive", result["path"], "--venv", str(venv), "--stamp", str(stamp),
+                        "--fingerprint", result["sha256"], "--index-url-file", str(url_file)])
+    assert proc.returncode == 1
+    assert "from http://***@127.0.0.1:9/simple/" in proc.stderr and "pip failed" in proc.stderr
+    assert "Looking in indexes: http://***@127.0.0.1:9/simple/" in proc.stderr
+    assert canary not in proc.stdout + proc.stderr
+    argv = (venv / "bin" / "argv").read_text().splitlines()
+    assert argv[:3] == ["-m", "pip", "install"] and canary not in " ".join(argv)
+    assert (venv / "bin" / "index-url").read_text().strip() == url
+    assert not url_file.exists() and not stamp.exists()
 
 
 def test_wrong_fingerprint_is_refused(built, tmp_path):
