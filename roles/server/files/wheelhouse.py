@@ -293,7 +293,7 @@ def build_backend(lock: dict, lock_path: str, cache_dir: str) -> str:
         wheels = wheels_in(os.path.join(download, "wheels"))
         if len(wheels) != 1:
             raise Error(f"pip fetched {sorted(wheels) or 'nothing'} while {what}")
-        (name, path), = wheels.items()
+        name, path = next(iter(wheels.items()))
         refusal = lock_refusal(name, read_file(path), lock)
         if refusal:
             raise Error(f"refused the build backend pip fetched: {refusal}")
