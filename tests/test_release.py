@@ -62,6 +62,7 @@ def test_tarball_ships_the_license_and_none_of_the_repository_tooling(release):
     assert "plugins/modules/cluster.py" in names
     # The server role installs rmsd from its source with the pinned dependencies.
     assert "rmsd/pyproject.toml" in names and "constraints.txt" in names
+    assert "requirements/rmsd-wheelhouse.lock" in names  # the hashes every wheel it installs must have
     shipped = [name for name in names
                if any(name == path or name.startswith(path + "/") for path in EXCLUDED)]
     assert shipped == []

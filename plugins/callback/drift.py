@@ -20,6 +20,8 @@ description:
     rmsd under supervisord, installing rmsd), with a stand-in task of the same name in check mode; its message,
     the reason for the change, is recorded as C(reason).
   - Failed and unreachable hosts are listed too, so a pipeline never reads a failed run as "no drift".
+  - The user and password of every URL in the report (in a task or play name, a reason) are written as C(***), so
+    a credential in a URL (a package index's, a database's) never reaches the file a merge request shows.
   - Enable it next to the usual output with C(callbacks_enabled = rmsops.rms.drift) in C(ansible.cfg) or
     C(ANSIBLE_CALLBACKS_ENABLED=rmsops.rms.drift).
 author:
@@ -39,11 +41,27 @@ options:
 
 import json
 import os
+import re
 import tempfile
 
 from ansible import context
 from ansible.playbook.handler import Handler
 from ansible.plugins.callback import CallbackBase
+
+# scheme://user:password@ or scheme://user@: the userinfo ends at the last "@" before the path, as URL parsers read
+# it (a password may hold an unescaped "@").
+URL_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@")
+
+
+def scrubbed(value):
+    """value (a string, or lists and dicts of them) with the userinfo of every URL in it replaced by ***."""
+    if isinstance(value, str):
+        return URL_USERINFO.sub(r"\1***@", value)
+    if isinstance(value, dict):
+        return {scrubbed(key): scrubbed(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [scrubbed(item) for item in value]
+    return value
 
 
 class CallbackModule(CallbackBase):
@@ -90,7 +108,7 @@ class CallbackModule(CallbackBase):
         folder = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".drift.")
         with os.fdopen(fd, "w") as out:
-            json.dump(report, out, indent=1, sort_keys=True)
+            json.dump(scrubbed(report), out, indent=1, sort_keys=True)
             out.write("\n")
         os.replace(tmp, path)
         self._display.display(

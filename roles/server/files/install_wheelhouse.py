@@ -4,11 +4,13 @@ Runs on the managed host with its system python3 (ansible.builtin.script, execut
 standard library only, Python 3.9 syntax.
 
     install_wheelhouse.py --archive PATH --venv DIR --stamp FILE --fingerprint SHA256
-                          [--extra supervisor] [--index-url URL]
+                          [--extra supervisor] [--index-url-file FILE]
 
 The archive must have the sha256 given as --fingerprint. pip installs from it with no index and every
-wheel checked against requirements.txt's hashes; with --index-url, only the rmsd wheel comes from the
-archive and its dependencies from that index, pinned by the archive's constraints.txt. pip's log is
+wheel checked against requirements.txt's hashes; with --index-url-file, only the rmsd wheel comes from the
+archive and its dependencies from the index that file names, pinned by the archive's constraints.txt. The
+URL may carry a credential: it is read from that file (removed once read), handed to pip in its environment,
+never on a command line, and shown without its user and password. pip's log is
 appended to pip-install.log next to the virtualenv. The stamp is written last, so an interrupted
 install is redone by the next run.
 
@@ -99,13 +101,33 @@ def requirement_count(path: str) -> int:
         return sum(1 for line in handle if line.strip() and not line.lstrip().startswith("#"))
 
 
-def run_pip(python: str, argv: list[str], log: str, what: str) -> None:
+def run_pip(python: str, argv: list[str], log: str, what: str, env: dict | None = None) -> None:
     command = [python, "-m", "pip"] + argv + ["--disable-pip-version-check", "--no-input", "--log", log]
-    proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
+    proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False,
+                          env=dict(os.environ, **(env or {})))
     if proc.returncode != 0:
-        lines = proc.stdout.decode("utf-8", "replace").rstrip().splitlines()[-PIP_TAIL_LINES:]
+        output = without_userinfo(proc.stdout.decode("utf-8", "replace"))
+        lines = output.rstrip().splitlines()[-PIP_TAIL_LINES:]
         tail = "\n".join("  " + line for line in lines)
         raise Error(f"pip failed (exit {proc.returncode}) {what}; its last lines (whole log: {log}):\n{tail}")
+
+
+def without_userinfo(text: str) -> str:
+    """text with the user and password (a credential) of every URL in it replaced by ***."""
+    return re.sub(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/?#\s]*@", r"\1***@", text)
+
+
+def read_index_url(path: str) -> str:
+    """The index URL in path (written for this install only), which is removed once read."""
+    try:
+        with open(path) as handle:
+            url = handle.read().strip()
+        os.unlink(path)
+    except OSError as exc:
+        raise Error(f"cannot read the index URL from --index-url-file: {exc}") from None
+    if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://\S+$", url):
+        raise Error(f"{path} does not hold an index URL (scheme://host/path): set server_pip_index_url to one")
+    return url
 
 
 def rmsd_installed(venv: str) -> bool:
@@ -117,6 +139,7 @@ def install(args: argparse.Namespace) -> dict:
     archive = os.path.abspath(args.archive)
     fingerprint = args.fingerprint.strip().lower()
 
+    index_url = read_index_url(args.index_url_file) if args.index_url_file else ""
     if read_stamp(args.stamp) == fingerprint and os.path.exists(os.path.join(venv, "bin", "rmsd")):
         return {"changed": False}
 
@@ -152,16 +175,16 @@ def install(args: argparse.Namespace) -> dict:
         # pip keeps an installed rmsd of the same version; a changed source must replace it.
         reinstall_rmsd = rmsd_installed(venv)
 
-        if args.index_url:
+        if index_url:
             mode = "index"
             if "constraints.txt" not in names:
                 raise Error("the archive has no constraints.txt")
             count = 1 + len(args.extra)
             extras = "".join(" and " + e for e in args.extra)
-            progress(f"installing rmsd{extras} into {venv} from {args.index_url}...")
+            progress(f"installing rmsd{extras} into {venv} from {without_userinfo(index_url)}...")
             constraints = os.path.join(work, "constraints.txt")
-            run_pip(python, ["install", "--index-url", args.index_url, "-c", constraints, rmsd_wheel]
-                    + list(args.extra), log, f"installing from {args.index_url}")
+            run_pip(python, ["install", "-c", constraints, rmsd_wheel] + list(args.extra), log,
+                    f"installing from {without_userinfo(index_url)}", env={"PIP_INDEX_URL": index_url})
         else:
             mode = "wheelhouse"
             requirement_files = ["requirements.txt"] + [f"requirements-{e}.txt" for e in args.extra]
@@ -199,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="sha256 of the archive, as the controller built it")
     parser.add_argument("--extra", action="append", default=[], metavar="PROJECT",
                         help="also install this project (its requirements-PROJECT.txt in the archive)")
-    parser.add_argument("--index-url", default="",
-                        help="install rmsd's dependencies from this index instead of the archive")
+    parser.add_argument("--index-url-file", default="",
+                        help="a file naming the index to install rmsd's dependencies from instead of the archive "
+                             "(removed once read)")
     args = parser.parse_args(argv)
     # The names wheelhouse.py gives the extras' requirements files (PEP 503).
     args.extra = sorted({re.sub(r"[-_.]+", "-", e).lower() for e in args.extra})
