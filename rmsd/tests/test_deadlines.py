@@ -267,6 +267,51 @@ def test_stopping(tmp_path):
         stop_node(process)
 
 
+def test_a_stopping_node_lets_its_balancer_take_it_out_first(tmp_path):
+    """SIGTERM while a client keeps sending requests: the node answers GET /health 503 (a balancer's check takes
+    it out) and serves every other request until they stop coming, then exits. (It closed its port at once:
+    a request already sent on a connection the kernel held for it failed, and a balancer never sends a POST
+    twice.)"""
+    url, process, _ca, log_path = make_node(tmp_path, read_timeout_seconds=1)
+    answers: list[int] = []
+    health: list[int] = []
+    try:
+        with httpx.Client(base_url=url, timeout=SAFETY_TIMEOUT) as http:
+            answers.append(http.get("/slc").status_code)
+            os.killpg(process.pid, signal.SIGTERM)
+            while not health or health[-1] == 200:  # until the node says it stops
+                answers.append(http.get("/slc").status_code)
+                health.append(http.get("/health").status_code)
+        assert process.wait(SAFETY_TIMEOUT) in (0, -signal.SIGTERM)
+    finally:
+        stop_node(process)
+    print(f"{len(answers)} requests answered while it stopped; /health: {health}")
+    assert set(answers) == {200} and health[-1] == 503
+    assert "stopping while requests still come in" not in log_path.read_text()
+
+
+@pytest.mark.parametrize("requests_until,stops_at", [(0, 0), (2, 3), (100, 5)],
+                         ids=["none-recent", "until-2s", "never-ending"])
+def test_a_stopping_worker_waits_for_quiet_at_most_its_time(requests_until, stops_at):
+    """On a simulated clock: a worker stops a second after the last request that is not a health check, at once
+    when none came lately, after 5 s however many still come."""
+    import asyncio
+
+    now = [0.0]
+
+    async def sleep(seconds):
+        now[0] += seconds
+        if now[0] < requests_until:
+            stopping.request("/licensing")
+        stopping.request("/health")  # a balancer's checks go on: they do not keep the node
+
+    stopping = limits.Stopping(quiet_seconds=1, most_seconds=5, clock=lambda: now[0], sleep=sleep)
+    if requests_until:
+        stopping.request("/licensing")  # requests came in until the signal
+    asyncio.run(stopping.drain())
+    assert abs(now[0] - stops_at) < 0.1
+
+
 # --- the cap on connections --------------------------------------------------------------------------------
 
 

@@ -484,3 +484,24 @@ def test_health_and_slc_answer_while_issuing_holds_the_cluster_lock(served_app):
     finally:
         node.snapshot_seconds = 1.0
         node._lock.release()
+
+
+def test_the_instance_id_is_made_once_and_kept_by_every_rewrite(tmp_path):
+    database = sqlite_database(tmp_path)
+    provision(database)
+    issuer = make_issuer(tmp_path / "issuer")
+    check, config_path, _secret = configure_node(database, tmp_path, issuer, port=18089, check_mode=True)
+    assert not config_path.exists() and len(check.facts["server"]["instance_id"]) == 32
+    first, _config, _secret = configure_node(database, tmp_path, issuer, port=18089)
+    made = first.facts["server"]["instance_id"]
+    assert tomllib.loads(config_path.read_text())["node"]["instance_id"] == made
+    again, _config, _secret = configure_node(database, tmp_path, issuer, port=18089)
+    assert not again.changed and again.facts["server"]["instance_id"] == made
+    moved, _config, _secret = configure_node(database, tmp_path, issuer, port=18090, workers=2)
+    assert moved.changed and moved.facts["server"]["instance_id"] == made
+    # A configuration written before nodes had one gets one: a change (the node restarts to serve it).
+    config_path.write_text(config_path.read_text().replace(f'instance_id = "{made}"\n', ""))
+    upgraded, _config, _secret = configure_node(database, tmp_path, issuer, port=18090, workers=2)
+    assert upgraded.changed and upgraded.facts["config_changed"]
+    new_id = upgraded.facts["server"]["instance_id"]
+    assert len(new_id) == 32 and new_id != made

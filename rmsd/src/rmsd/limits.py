@@ -42,6 +42,9 @@ READ_TIMEOUT_SECONDS = 10  # for the request line and headers, then again for th
 OUTAGE_SUMMARY_SECONDS = 60.0  # while the database is down, how often the refusals are summed up in the log
 MAX_CONNECTIONS = 1000  # per worker
 EPISODE_QUIET_SECONDS = 5.0  # an episode of refused connections ends once none was refused for this long
+# A stopping worker serves on until no request came for this long (its balancer took it out), at most the second.
+STOP_QUIET_SECONDS = 1.0
+STOP_DRAIN_SECONDS = 5.0
 PROBLEM_BASE = "urn:rmsd:problem:"
 # Methods whose request carries a JSON body in this service.
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -106,15 +109,43 @@ class BodyTooSlow(BodyRefused):
                          read_timeout_seconds=seconds)
 
 
+class Stopping:
+    """A worker's last seconds (uvicorn's shutdown waits for `drain()`): from then on GET /health answers 503,
+    so that a balancer takes the node out, while every other request is served as before; `drain()` returns
+    once no such request came for `quiet_seconds` (the balancer sends nothing any more), or after
+    `most_seconds`. RequestGuard tells it of each request."""
+
+    def __init__(self, quiet_seconds: float = STOP_QUIET_SECONDS, most_seconds: float = STOP_DRAIN_SECONDS,
+                 clock=time.monotonic, sleep=asyncio.sleep):
+        self.quiet_seconds, self.most_seconds, self._clock, self._sleep = quiet_seconds, most_seconds, clock, sleep
+        self.since: float | None = None
+        self.last_request = -quiet_seconds  # long ago
+
+    def request(self, path: str) -> None:
+        if path != "/health":  # a balancer's checks go on until it took the node out
+            self.last_request = self._clock()
+
+    async def drain(self) -> None:
+        self.since = now = self._clock()
+        while now - self.since < self.most_seconds and now - self.last_request < self.quiet_seconds:
+            await self._sleep(0.05)
+            now = self._clock()
+        if now - self.last_request < self.quiet_seconds:
+            log.warning("stopping while requests still come in, %.0f s after the node said so at GET /health; "
+                        "take it out of its balancer first (drain)", now - self.since)
+
+
 class RequestGuard:
     """Pure ASGI, outermost of the application's own middleware: gives each request an id, enforces the
     body size and time limits before anything reads the body, and turns an unexpected exception into a
     logged 500 problem document carrying the request id."""
 
-    def __init__(self, app, max_body_bytes: int = MAX_BODY_BYTES, read_timeout_seconds: float = READ_TIMEOUT_SECONDS):
+    def __init__(self, app, max_body_bytes: int = MAX_BODY_BYTES, read_timeout_seconds: float = READ_TIMEOUT_SECONDS,
+                 stopping: Stopping | None = None):
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.read_timeout_seconds = read_timeout_seconds
+        self.stopping = stopping
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -122,6 +153,8 @@ class RequestGuard:
             return
         request_id = uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        if self.stopping is not None:
+            self.stopping.request(scope.get("path", ""))
         limit = self.max_body_bytes
         started = False
         body_done = False

@@ -101,9 +101,11 @@ def create_app(config: NodeConfig, heartbeat: bool = True) -> FastAPI:
     # FastAPI's documented way to customize the schema is to replace this method.
     app.openapi = lambda: app.openapi_schema or _documented(app)  # type: ignore[method-assign]
     app.state.node = node
+    app.state.stopping = limits.Stopping()
     # Outermost of the app's own middleware: ids, the body limit and unexpected errors come first.
     app.add_middleware(limits.RequestGuard, max_body_bytes=config.max_body_bytes or limits.MAX_BODY_BYTES,
-                       read_timeout_seconds=config.read_timeout_seconds or limits.READ_TIMEOUT_SECONDS)
+                       read_timeout_seconds=config.read_timeout_seconds or limits.READ_TIMEOUT_SECONDS,
+                       stopping=app.state.stopping)
     outage = limits.OutageLog()
     app.state.outage = outage
     sa.event.listen(node.engine, "after_cursor_execute", outage.succeeded)  # a statement ran: it is back
@@ -155,7 +157,11 @@ def create_app(config: NodeConfig, heartbeat: bool = True) -> FastAPI:
     # request at a time and never under the lock issuing takes, so a flood of them costs the database one read
     # a second and stalls no licensing.
     @app.get("/health", response_model=Health, operation_id="health", **_docs("health"), tags=["node"])
-    def health():
+    def health(request: Request):
+        if app.state.stopping.since is not None:  # a balancer takes it out, and sends it nothing new
+            return limits.problem(503, "this node is stopping: it serves what it holds and takes nothing new; ask "
+                                  "another node", kind="stopping", request=request,
+                                  headers={"Retry-After": retry_after})
         state = node.snapshot()
         return Health(
             status="ok", cluster=state.row.name, node=config.name, role=state.row.role, state=state.row.state,
@@ -291,10 +297,25 @@ def _serve_worker(config: NodeConfig, tls: dict, sockets: list[socket.socket], r
         log.info("serving %s", config.url)
     server_config = uvicorn.Config(app, host=config.listen_address, port=config.port, log_level="info",
                                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS, **uvicorn_limits(config), **tls)
-    server = uvicorn.Server(server_config)
+    server = stopping_server(server_config, app.state.stopping)
     server.run(sockets=sockets)
     if not server.started:  # the start-up failed, and uvicorn said why
         raise RmsdError("the worker did not start")
+
+
+def stopping_server(config, stopping: limits.Stopping):
+    """uvicorn's server for `config`, which first lets a balancer take the node out when it stops."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            # Closing the listening sockets resets the connections the kernel holds for them, and a request
+            # already sent on one fails: a balancer does not send a POST again. So first answer /health 503
+            # and serve on until no request comes (the balancer took the node out), then stop.
+            await stopping.drain()
+            await super().shutdown(sockets)
+
+    return Server(config)
 
 
 def _supervise(config: NodeConfig, tls: dict, workers: int) -> None:
@@ -353,6 +374,7 @@ def _supervise(config: NodeConfig, tls: dict, workers: int) -> None:
             os.kill(pid, signal.SIGTERM)
 
     def stop_all() -> None:
+        reserved.close()
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -364,6 +386,8 @@ def _supervise(config: NodeConfig, tls: dict, workers: int) -> None:
     def on_signal(_signum, _frame):
         nonlocal stopping
         stopping = True
+        # The workers serve the port until they stop; once they are gone, nothing may hold connections there.
+        reserved.close()
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -388,7 +412,6 @@ def _supervise(config: NodeConfig, tls: dict, workers: int) -> None:
             start(number)
     finally:
         stop_all()
-        reserved.close()
 
 
 def listening_socket(address: str, port: int, reuse_port: bool = False,
