@@ -18,15 +18,17 @@ import re
 import secrets
 import signal
 import socket
+import socketserver
 import ssl
 import subprocess
 import sys
 import threading
 import time
+import tomllib
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Self
+from typing import ClassVar, Self
 
 import httpx
 import pytest
@@ -39,6 +41,8 @@ HAPROXY = "/usr/sbin/haproxy"
 VENV = Path(sys.prefix)
 NODES = {"node1": "127.0.2.1", "node2": "127.0.2.2", "node3": "127.0.2.3"}
 BALANCERS = {"lb1": "127.0.2.100", "lb2": "127.0.2.101"}
+OPERATOR = "127.0.0.1"  # the address this machine's connections to 127.0.2.x come from
+OUTSIDER = "127.0.3.1"  # a client address outside the operator sources
 
 pytestmark = pytest.mark.skipif(not Path(HAPROXY).exists(), reason="haproxy is not installed (Debian package haproxy)")
 
@@ -147,6 +151,8 @@ class Deployment:
                 }},
                 "balancers": {"hosts": balancers, "vars": {
                     "load_balancer_base_dir": str(self.root / "lb"),
+                    # The tests' clients connect from 127.0.0.1: operators, who also reach /health.
+                    "load_balancer_operator_sources": [f"{OPERATOR}/32"],
                     "load_balancer_tls_certificate": str(self.tls_pem),
                     "load_balancer_service_manager": "daemon",
                 }},
@@ -177,13 +183,15 @@ class Deployment:
         return self.play([{"name": "Balancers", "hosts": hosts, "gather_facts": False, "vars": extra or {},
                            "roles": ["rmsops.rms.load_balancer"]}], *args)
 
+    def cluster_vars(self) -> dict:
+        return {"root_cluster_name": "rmslb", "root_cluster_database_url": self.database_url,
+                "root_cluster_database_password": self.database_password,
+                "root_cluster_key_password": self.key_password,
+                "root_cluster_intranet_url": self.url("lb1").removesuffix("/health")}
+
     def cluster(self, *args: str) -> tuple[str, dict]:
         return self.play([{"name": "Root cluster", "hosts": "rms_nodes", "gather_facts": False, "roles": [{
-            "role": "rmsops.rms.root_cluster",
-            "vars": {"root_cluster_name": "rmslb", "root_cluster_database_url": self.database_url,
-                     "root_cluster_database_password": self.database_password,
-                     "root_cluster_key_password": self.key_password,
-                     "root_cluster_intranet_url": self.url("lb1").removesuffix("/health")}}]}], *args)
+            "role": "rmsops.rms.root_cluster", "vars": self.cluster_vars()}]}], *args)
 
     def member_state(self, member: str, states: list[str], *args: str, lb: str = "lb1", expect_rc: int = 0,
                      extra: dict | None = None) -> tuple[str, dict]:
@@ -251,15 +259,19 @@ class Deployment:
 
 
 class Traffic:
-    """Clients sending GET /health through a balancer, each request on a new TLS connection."""
+    """Clients sending GET /health through a balancer, each request on a new TLS connection; with `posts`, each
+    followed by a POST /certification without a token, which a node answers 401 (a POST that fails is never
+    retried by the balancer: its failures show here)."""
 
-    def __init__(self, url: str, ca: Path, clients: int = 2):
+    def __init__(self, url: str, ca: Path, clients: int = 2, posts: bool = False):
         self.url = url
+        self.posts = posts
         self.context = ssl.create_default_context(cafile=str(ca))
         self.clients = clients
         self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.answered_by: Counter = Counter()
+        self.posted = 0  # POSTs a node answered
         self.failures: list[str] = []
 
     def _loop(self) -> None:
@@ -277,6 +289,18 @@ class Traffic:
                         self.failures.append(failure)
                     else:
                         self.answered_by[outcome] += 1
+                if self.posts:
+                    try:
+                        response = client.post(self.url.replace("/health", "/certification"), json={"csr": "x"})
+                        answered = response.status_code == 401
+                        failure = None if answered else f"POST {response.status_code} {response.text[:200]}"
+                    except httpx.HTTPError as exc:
+                        failure = f"POST {exc!r}"
+                    with self.lock:
+                        if failure:
+                            self.failures.append(failure)
+                        else:
+                            self.posted += 1
                 # Steady traffic that leaves the two CPUs to Ansible and the nodes.
                 self.stopping.wait(0.01)
 
@@ -306,7 +330,7 @@ class Traffic:
     def assert_no_failure(self) -> None:
         total = sum(self.answered_by.values())
         print(f"{total} requests through {self.url}, answered by {dict(self.answered_by)}, "
-              f"{len(self.failures)} failed")
+              f"{self.posted} POSTs answered, {len(self.failures)} failed")
         assert self.failures == [], f"{len(self.failures)} of {total + len(self.failures)} requests failed: " \
                                     f"{self.failures[:5]}"
         assert total >= 20, f"only {total} requests were sent"
@@ -377,7 +401,7 @@ def test_stopped_member_fails_no_request(deployment):
     dep = deployment
     dep.wait_status("lb1", "node2", "UP")
     try:
-        with Traffic(dep.url("lb1"), dep.ca) as traffic:
+        with Traffic(dep.url("lb1"), dep.ca, posts=True) as traffic:
             traffic.wait_answers()
             dep.supervisorctl("node2", "stop", "rmsd")
             dep.wait_status("lb1", "node2", "DOWN")
@@ -404,7 +428,7 @@ def test_added_member_reloads_without_failed_request(deployment):
     pid, reloads = dep.master("lb2")
 
     dep.groups["lb2_members"] = ["node1", "node3"]
-    with Traffic(dep.url("lb2"), dep.ca) as traffic:
+    with Traffic(dep.url("lb2"), dep.ca, posts=True) as traffic:
         traffic.wait_answers()
         output, counts = dep.balance("--limit", "lb2", "--diff")
         dep.wait_status("lb2", "node3", "UP")
@@ -418,13 +442,14 @@ def test_added_member_reloads_without_failed_request(deployment):
 
 
 class SlowMember(http.server.BaseHTTPRequestHandler):
-    """A member whose GET /slow is held until the test releases it, so a drain has a session to wait for."""
+    """A member whose GET /slc (a path the balancer passes to anyone) is held until the test releases it, so a
+    drain has a session to wait for."""
 
-    arrived = threading.Event()  # a /slow request reached the member
+    arrived = threading.Event()  # a /slc request reached the member
     release = threading.Event()  # the test lets it answer
 
     def do_GET(self):
-        if self.path == "/slow":
+        if self.path == "/slc":
             self.arrived.set()
             # Bounded only so that a failed test does not leave the request hanging.
             self.release.wait(EVENT_TIMEOUT)
@@ -466,7 +491,7 @@ def test_drain_waits_for_the_last_session(deployment):
 
         def slow_request():
             try:
-                url = dep.url("lb2").replace("/health", "/slow")
+                url = dep.url("lb2").replace("/health", "/slc")
                 answers.append(httpx.get(url, verify=context, timeout=EVENT_TIMEOUT).status_code)
             except httpx.HTTPError as exc:
                 answers.append(repr(exc))
@@ -508,7 +533,7 @@ def test_drain_waits_for_the_last_session(deployment):
 def test_drain_from_the_members_play(deployment):
     dep = deployment
     dep.wait_status("lb1", "node2", "UP")
-    with Traffic(dep.url("lb1"), dep.ca) as traffic:
+    with Traffic(dep.url("lb1"), dep.ca, posts=True) as traffic:
         traffic.wait_answers()
         # Twice: the second one finds the member drained and changes nothing.
         output, counts = dep.member_state("node2", ["drain", "drain"])
@@ -555,7 +580,7 @@ def test_restart_drains_the_node_first(deployment):
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    with Traffic(dep.url("lb1"), dep.ca) as traffic:
+    with Traffic(dep.url("lb1"), dep.ca, posts=True) as traffic:
         traffic.wait_answers()
         output, _ = dep.cluster("--limit", "node2,node3", "-e", "root_cluster_identity_audience=rms-lb-test")
         dep.wait_status("lb1", "node2", "UP")
@@ -574,3 +599,128 @@ def test_restart_drains_the_node_first(deployment):
     assert statuses[:2] == ["UP", "DRAIN"], statuses
     assert "DOWN" in statuses[2:] and statuses[-1] == "UP", statuses
     assert dep.servers("lb1")["node2"]["admin"] == 0
+
+
+def test_only_the_public_api_is_served_to_other_addresses(deployment):
+    """A client outside load_balancer_operator_sources reaches the public API and nothing else: the nodes' own
+    pages (the fleet's layout, versions) get a 404 problem document from the balancer; an operator gets them."""
+    dep = deployment
+    dep.wait_status("lb1", "node1", "UP")
+    base = dep.url("lb1").removesuffix("/health")
+    context = ssl.create_default_context(cafile=str(dep.ca))
+    outsider = httpx.Client(base_url=base, verify=context, timeout=15,
+                            transport=httpx.HTTPTransport(verify=context, local_address=OUTSIDER))
+    operator = httpx.Client(base_url=base, verify=context, timeout=15)
+    with outsider, operator:
+        for path in ("/status", "/health", "/", "/openapi.json", "/docs", "/slc/", "/certification"):
+            response = outsider.get(path)
+            assert response.status_code == 404, (path, response.text)
+            assert response.headers["content-type"] == "application/problem+json"
+            problem = response.json()
+            assert problem["status"] == 404 and "POST /certification" in problem["detail"], problem
+            assert "version" not in response.text and "node" not in response.text
+        assert outsider.get("/slc").json()["cluster"] == "rmslb"
+        refused = outsider.post("/certification", json={"csr": "x"})  # reached a node: no token
+        assert refused.status_code == 401 and refused.json()["error"] == "AuthenticationError"
+        assert outsider.post("/health").status_code == 404
+
+        assert operator.get("/health").json()["cluster"] == "rmslb"
+        assert operator.get("/").json()["service"] == "rmsd"
+        assert operator.get("/openapi.json").json()["info"]["title"] == "rmsd"
+        assert operator.get("/status").headers["content-type"].startswith("text/html")  # the node's own page
+
+
+class BrokenMember(socketserver.BaseRequestHandler):
+    """A member that passes its health checks and closes every other connection without an answer, counting
+    the requests it got by method."""
+
+    received: ClassVar[Counter] = Counter()
+
+    def handle(self):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = self.request.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        method, path = data.split(b" ", 2)[:2]
+        if path == b"/health":
+            body = b'{"status": "ok"}'
+            self.request.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+            return
+        self.received[method.decode()] += 1  # and no answer: the connection closes
+
+
+def test_a_post_is_never_sent_twice_and_a_get_is_retried(deployment):
+    """lb2 in front of a broken member and node1, taking turns: a POST that meets the broken member's empty
+    answer fails (502) and is not sent to node1 as well (it might have certified or published already); a GET
+    that meets it is answered by node1."""
+    dep = deployment
+    BrokenMember.received.clear()
+    server = socketserver.ThreadingTCPServer(("127.0.2.8", 0), BrokenMember)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        dep.balance("--limit", "lb2", extra={"load_balancer_members": [
+            {"name": "broken", "address": "127.0.2.8", "port": server.server_address[1]},
+            {"name": "node1", "address": NODES["node1"], "port": dep.node_ports["node1"]}]})
+        dep.wait_status("lb2", "broken", "UP")
+        dep.wait_status("lb2", "node1", "UP")
+        context = ssl.create_default_context(cafile=str(dep.ca))
+        base = dep.url("lb2").removesuffix("/health")
+        # A new connection per request: on a kept-alive one, HAProxy closes the client's connection without an
+        # answer instead of a 502 (the client's cue to retry, as after any keep-alive race).
+        with httpx.Client(base_url=base, verify=context, timeout=30,
+                          limits=httpx.Limits(max_keepalive_connections=0)) as client:
+            posts = Counter(client.post("/certification", json={"csr": "x"}).status_code for _ in range(8))
+            gets = Counter(client.get("/slc").status_code for _ in range(8))
+        print(f"POST answers {dict(posts)}, GET answers {dict(gets)}, the broken member got {dict(BrokenMember.received)}")
+        assert BrokenMember.received["POST"] > 0, "no POST met the broken member"
+        # Each POST went to one member only: the broken one's were answered 502, node1's 401 (no token).
+        assert posts == Counter({502: BrokenMember.received["POST"], 401: 8 - BrokenMember.received["POST"]})
+        assert BrokenMember.received["GET"] > 0 and gets == Counter({200: 8})
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_role_fails_when_another_process_answers_on_the_nodes_port(deployment):
+    """node3's port answers GET /health with another instance id than node3's configuration holds (here: rmsd
+    started from another configuration, whose file is then put back): the server role's health check fails and
+    says that another process holds the port. Once node3 itself answers, the role passes again."""
+    dep = deployment
+    config_path = dep.node_dir("node3") / "rmsd.toml"
+    own = config_path.read_text()
+    own_id = tomllib.loads(own)["node"]["instance_id"]
+    other_id = secrets.token_hex(16)
+    try:
+        config_path.write_text(own.replace(own_id, other_id))
+        dep.supervisorctl("node3", "restart", "rmsd")
+        url = f"http://{NODES['node3']}:{dep.node_ports['node3']}/health"
+        assert wait_for_instance(url, other_id)
+        config_path.write_text(own)  # what the role wrote, but not what the process on the port serves
+        output, _ = dep.play([{"name": "Root cluster", "hosts": "node3", "gather_facts": False, "roles": [{
+            "role": "rmsops.rms.root_cluster", "vars": dep.cluster_vars()}]}], expect_rc=2)
+        assert re.search(rf"did not answer GET http://{re.escape(NODES['node3'])}:\d+/health with 200 from this node, "
+                         rf"instance id {own_id} \(answer: 200 .*{other_id}", output), output
+        assert "another process holds its port" in output
+    finally:
+        config_path.write_text(own)
+        dep.supervisorctl("node3", "restart", "rmsd")
+    url = f"http://{NODES['node3']}:{dep.node_ports['node3']}/health"
+    assert wait_for_instance(url, own_id)
+    output, counts = dep.cluster("--limit", "node3")
+    assert counts["node3"]["failed"] == 0, output
+
+
+def wait_for_instance(url: str, instance_id: str) -> bool:
+    """Until the node at `url` answers with this instance id (a restart under supervisord takes a moment)."""
+    deadline = time.monotonic() + EVENT_TIMEOUT  # a bound against hanging only
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=5).json().get("instance_id") == instance_id:
+                return True
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(0.2)
+    return False

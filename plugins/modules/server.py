@@ -124,8 +124,16 @@ options:
         type: int
       read_timeout_seconds:
         description:
-          - Seconds a client has to send a request's line and headers, then again its body (1 to 600). A slower
-            client is disconnected (headers) or answered 408 (body). Default 10.
+          - Seconds a client has to complete the TLS handshake, to send a request's line and headers, then again its
+            body, and to take a response it is sent (1 to 600). A slower client is disconnected (answered 408 for a
+            body). Default 10.
+        type: int
+      max_connections:
+        description:
+          - Connections each worker holds at once (16 to 100000). A new connection beyond it takes the place of the
+            connection waiting longest for a request, or is answered 503 when every connection is busy with one.
+            Default 1000. The node's file descriptor limit must exceed it (the C(rmsops.rms.server) role sizes
+            C(LimitNOFILE) from it).
         type: int
       retry_after_seconds:
         description:
@@ -231,6 +239,14 @@ server:
     config_path:
       description: Path of the node configuration file.
       type: str
+    instance_id:
+      description:
+        - The node's identity, made when its configuration file is first written and kept by every later run. The
+          node serves it in C(GET /health), so a check of the node can tell its answer from another process's on
+          the same port. A configuration file written by an older version gets one (a change, so the node
+          restarts once).
+      type: str
+      sample: 3f0c9a1e2b7d4c5f8a6e1d2c3b4a5f60
     secret_path:
       description: Path of the node secret file.
       type: str
@@ -269,7 +285,7 @@ def main():
             http_limits=dict(type="dict", default={}, options={
                 name: dict(type="int") for name in (
                     "max_body_bytes", "max_header_bytes", "keep_alive_seconds", "read_timeout_seconds",
-                    "retry_after_seconds",
+                    "retry_after_seconds", "max_connections",
                 )
             }),
             workers=dict(type="int", default=0),

@@ -15,7 +15,16 @@ import uuid
 import pkcs11
 import pytest
 import sqlalchemy as sa
-from conftest import KEY_PASSWORD, configure_node, make_issuer, provision, sqlite_database, start_node, stop_node
+from conftest import (
+    KEY_PASSWORD,
+    configure_node,
+    eventually,
+    make_issuer,
+    provision,
+    sqlite_database,
+    start_node,
+    stop_node,
+)
 from jwcrypto import jwk, jws
 from pkcs11 import Attribute, KeyType, ObjectClass
 
@@ -328,7 +337,13 @@ def test_content_published_under_a_destroyed_key_is_refused(hsm_node):
     client.certify(alice)  # a RAC from the new key
     new_key, blob = encrypt_content(b"after")
     pl2 = client.publish(alice, "doc-new", new_key, {"alice@example.com": ["VIEW"]})["pl"]
-    _claims, opened = open_use_license(client.license(alice, pl2)["ul"], client.slc()["chain"][0], alice)
+
+    def new_slc():  # GET /slc shows the new key within a second
+        slc = client.slc()
+        assert slc["key_id"] != old.id
+        return slc["chain"][0]
+
+    _claims, opened = open_use_license(client.license(alice, pl2)["ul"], eventually(new_slc), alice)
     assert decrypt_content(opened, blob) == b"after"
 
 

@@ -148,8 +148,11 @@ def test_extranet_url_is_published_with_the_slc(node, dept):
     changed = licensing(dept["database"], node, "dept", extranet_url="https://dept.partner.example.com",
                         credential_secret=None)
     assert changed.changed and changed.diff["after"] == {"extranet_url": "https://dept.partner.example.com"}
-    # /slc reads the cluster afresh on every call: no wait.
-    assert RmsClient(dept["url"]).slc()["extranet_url"] == "https://dept.partner.example.com"
+
+    def published():  # /slc reads the cluster at most once a second
+        assert RmsClient(dept["url"]).slc()["extranet_url"] == "https://dept.partner.example.com"
+
+    eventually(published)
 
 
 def test_round_trip_rac_from_root_pl_and_ul_from_licensing(node, dept):

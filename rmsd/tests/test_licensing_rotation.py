@@ -146,7 +146,11 @@ def test_root_compromise_makes_licensing_clusters_reenroll_and_distrust_the_old_
     old_root = info(root.database, "c1")["cluster"]["active_key_id"]
     new_root = admin.ensure_cluster_key(cluster="c1", key_password=KEY_PASSWORD, compromised_keys=[old_root],
                                         **root.database.admin_args()).facts["active_key_id"]
-    assert RmsClient(root.url).slc()["revoked_key_ids"] == [old_root]
+
+    def revoked_served():  # GET /slc shows the revocation within a second
+        assert RmsClient(root.url).slc()["revoked_key_ids"] == [old_root]
+
+    eventually(revoked_served)
 
     # The licensing cluster's own key is fine: re-enrollment is right for it, and needs a credential.
     with pytest.raises(RmsdError, match="enrollment_credential"):
@@ -160,8 +164,12 @@ def test_root_compromise_makes_licensing_clusters_reenroll_and_distrust_the_old_
     assert done.changed and dept["slc"]["issuer_key_id"] == new_root and dept["untrusted_root_key_ids"] == [old_root]
     assert dept["cluster"]["active_key_id"] == pl["key_id"]  # same licensing key, new SLC
     assert dept_cluster(deployment).changed is False
-    served = [pki.load_pem(pem) for pem in lic.slc()["chain"]]
-    assert pki.cert_key_id(served[1]) == new_root and pki.verify_issued_by(served[0], served[1], utcnow())
+
+    def new_chain_served():  # within a second
+        served = [pki.load_pem(pem) for pem in lic.slc()["chain"]]
+        assert pki.cert_key_id(served[1]) == new_root and pki.verify_issued_by(served[0], served[1], utcnow())
+
+    eventually(new_chain_served)
 
     def distrusted():  # once the node has read the cluster again
         try:

@@ -4,13 +4,14 @@ import base64
 import json
 import os
 import subprocess
+import threading
 import time
 import tomllib
 
 import httpx
 import pytest
 import tomli_w
-from conftest import KEY_PASSWORD, RMSD, cluster_key, provision, sqlite_database
+from conftest import KEY_PASSWORD, RMSD, cluster_key, configure_node, make_issuer, provision, sqlite_database
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509 import CertificateSigningRequestBuilder, Name, NameAttribute
@@ -346,3 +347,161 @@ def test_workers_sockets_share_the_port_and_its_connections():
     finally:
         for sock in [first, second, *clients]:
             sock.close()
+
+
+def test_a_reserved_port_takes_the_workers_and_nothing_else():
+    """The supervisor reserves the port: its workers' sockets join it; a socket without SO_REUSEPORT (another
+    rmsd of the same user reserves its port that way) is refused with the address, the port and what to do."""
+    import select
+    import socket
+
+    from rmsd.errors import RmsdError
+    from rmsd.service import listening_socket, reserve_port
+
+    reserved = reserve_port("127.0.0.1", 0)
+    port = reserved.getsockname()[1]
+    worker = listening_socket("127.0.0.1", port, reuse_port=True)
+    try:
+        with pytest.raises(RmsdError, match=f"cannot listen on 127.0.0.1 port {port}: another process holds"):
+            reserve_port("127.0.0.1", port)
+        with pytest.raises(RmsdError, match="another process holds this address and port"):
+            listening_socket("127.0.0.1", port)
+        with socket.create_connection(("127.0.0.1", port)):  # served by the worker or on the reserving socket
+            assert select.select([reserved, worker], [], [], 30)[0]
+    finally:
+        worker.close()
+        reserved.close()
+
+
+def test_a_second_node_on_the_port_of_a_running_one_refuses_to_start(node, tmp_path):
+    """Another deployment's node (same user, same address and port: a second demo in another checkout) does not
+    start; the first node answers every request its clients send meanwhile, each from its own instance id."""
+    own_id = httpx.get(f"{node.url}/health", timeout=10).json()["instance_id"]
+    assert own_id == tomllib.loads(node.config_path.read_text())["node"]["instance_id"]
+    other = sqlite_database(tmp_path)
+    provision(other)
+    port = int(node.url.rsplit(":", 1)[1])
+    _result, config_path, _secret = configure_node(other, tmp_path, make_issuer(tmp_path / "issuer"), port=port,
+                                                   workers=2)
+    assert tomllib.loads(config_path.read_text())["node"]["instance_id"] != own_id
+    answered, failures = [], []
+    stop = threading.Event()
+
+    def client():
+        with httpx.Client(timeout=10, limits=httpx.Limits(max_keepalive_connections=0)) as http:
+            while not stop.is_set():
+                try:
+                    answered.append(http.get(f"{node.url}/health").json()["instance_id"])
+                except (httpx.HTTPError, ValueError, KeyError) as err:
+                    failures.append(repr(err))
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        proc = subprocess.run([str(RMSD), "serve", "--config", str(config_path)], capture_output=True, text=True,
+                              timeout=60)
+    finally:
+        stop.set()
+        thread.join(30)
+    assert proc.returncode != 0
+    assert f"cannot listen on 127.0.0.1 port {port}: another process holds this address and port" in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    print(f"{len(answered)} requests during the attempt, {len(failures)} failed")
+    assert failures == [] and answered and set(answered) == {own_id}
+
+
+# --- /health and /slc: what anyone may ask costs the database one read a second ---------------------------
+
+
+@pytest.fixture(scope="module")
+def served_app(tmp_path_factory):
+    """A node served in this process by uvicorn (over a real socket), with every SQL statement it runs counted."""
+    import sqlalchemy as sa
+    import uvicorn
+
+    from rmsd.config import load_node_config
+    from rmsd.service import create_app, listening_socket, uvicorn_limits
+
+    base = tmp_path_factory.mktemp("served-app")
+    database = sqlite_database(base)
+    provision(database)
+    _result, config_path, _secret = configure_node(database, base, make_issuer(base / "issuer"))
+    config = load_node_config(config_path)
+    app = create_app(config, heartbeat=False)
+    statements: list[str] = []
+    for engine in (app.state.node.engine, app.state.node.reader):
+        sa.event.listen(engine, "after_cursor_execute", lambda *args: statements.append(args[2]))
+    sock = listening_socket("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **uvicorn_limits(config)))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    for _ in range(600):
+        if server.started:
+            break
+        time.sleep(0.05)
+    assert server.started
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app.state.node, statements
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_a_flood_of_health_and_slc_reads_the_cluster_once_a_second(served_app):
+    """400 anonymous requests from 8 clients: the SQL statements they cost are bounded by the seconds they took
+    (one read of the cluster per second, plus the first), not by their number."""
+    import math
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, node, statements = served_app
+    statements.clear()
+    node._read_state()
+    per_read = len(statements)
+    statements.clear()
+    started = time.monotonic()
+    with httpx.Client(base_url=url, timeout=30) as http, ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda path: http.get(path).status_code, ["/health", "/slc"] * 200))
+    seconds = time.monotonic() - started
+    counted = len(statements)
+    reads_allowed = math.ceil(seconds / node.snapshot_seconds) + 1
+    print(f"{len(statuses)} requests in {seconds:.2f} s: {counted} SQL statements ({per_read} per read of the "
+          f"cluster; at most {reads_allowed} reads allowed)")
+    assert statuses == [200] * 400
+    assert counted <= per_read * reads_allowed
+    assert per_read * reads_allowed < len(statuses), "the bound says nothing: the flood was too slow"
+
+
+def test_health_and_slc_answer_while_issuing_holds_the_cluster_lock(served_app):
+    """Certification, publishing and licensing read the cluster under the node's lock; /health and /slc never
+    wait for it, even when they read the cluster afresh."""
+    url, node, _statements = served_app
+    node._lock.acquire()
+    node.snapshot_seconds = 0  # every request reads the cluster again
+    try:
+        with httpx.Client(base_url=url, timeout=20) as http:
+            assert http.get("/health").status_code == 200
+            assert http.get("/slc").status_code == 200
+    finally:
+        node.snapshot_seconds = 1.0
+        node._lock.release()
+
+
+def test_the_instance_id_is_made_once_and_kept_by_every_rewrite(tmp_path):
+    database = sqlite_database(tmp_path)
+    provision(database)
+    issuer = make_issuer(tmp_path / "issuer")
+    check, config_path, _secret = configure_node(database, tmp_path, issuer, port=18089, check_mode=True)
+    assert not config_path.exists() and len(check.facts["server"]["instance_id"]) == 32
+    first, _config, _secret = configure_node(database, tmp_path, issuer, port=18089)
+    made = first.facts["server"]["instance_id"]
+    assert tomllib.loads(config_path.read_text())["node"]["instance_id"] == made
+    again, _config, _secret = configure_node(database, tmp_path, issuer, port=18089)
+    assert not again.changed and again.facts["server"]["instance_id"] == made
+    moved, _config, _secret = configure_node(database, tmp_path, issuer, port=18090, workers=2)
+    assert moved.changed and moved.facts["server"]["instance_id"] == made
+    # A configuration written before nodes had one gets one: a change (the node restarts to serve it).
+    config_path.write_text(config_path.read_text().replace(f'instance_id = "{made}"\n', ""))
+    upgraded, _config, _secret = configure_node(database, tmp_path, issuer, port=18090, workers=2)
+    assert upgraded.changed and upgraded.facts["config_changed"]
+    new_id = upgraded.facts["server"]["instance_id"]
+    assert len(new_id) == 32 and new_id != made

@@ -21,6 +21,7 @@ HTTP_LIMITS = {
     "keep_alive_seconds": (1, 600),
     "read_timeout_seconds": (1, 600),
     "retry_after_seconds": (1, 3600),
+    "max_connections": (16, 100_000),
 }
 
 
@@ -72,15 +73,22 @@ class NodeConfig:
     keep_alive_seconds: int | None = None
     # Retry-After, in seconds, on a 503 while the configuration database is unavailable (default 5).
     retry_after_seconds: int | None = None
-    # Seconds a client has to send a request's line and headers, then again its body (default 10); a client
-    # slower than that is disconnected (headers) or answered 408 (body).
+    # Seconds a client has to complete the TLS handshake, to send a request's line and headers, then again its
+    # body, and to take a response it is sent (default 10); a client slower than that is disconnected (408 for a
+    # body).
     read_timeout_seconds: int | None = None
+    # Connections one worker holds at once (default 1000). A new one beyond it takes the place of the oldest
+    # connection waiting for a request, or is answered 503 when every connection is busy.
+    max_connections: int | None = None
     # Worker processes serving the node's port (unset: one per core of the host). Each opens its own
     # database connections and its own PKCS#11 session.
     workers: int | None = None
     # The deployment's status page the node serves at GET /status (absolute path; it only reads it). Unset:
     # status.html beside the configuration file (rmsd serve fills it in).
     status_page: str | None = None
+    # This node's identity, made once when its configuration is first written and kept by every rewrite: GET
+    # /health says it, so whoever checks the node knows it reached this node and not another process on the port.
+    instance_id: str | None = None
 
     @property
     def tls(self) -> bool:

@@ -116,6 +116,11 @@ class Health(BaseModel):
         description="a cluster key was revoked as compromised since this process started: it may still hold a copy "
         "of that key in memory; restart it (drained) to be sure it holds none"
     )
+    instance_id: str | None = Field(
+        default=None, description="this node's identity, made when its configuration was first written: whoever "
+        "checks the node compares it with the one its configuration holds, so an answer from another process on the "
+        "port is not taken for this node's. Null for a configuration written before nodes had one"
+    )
 
 
 class Slc(BaseModel):
@@ -264,13 +269,15 @@ DECODED = (JoseHeader, WrappedContentKey, PublishingLicenseClaims, UseLicenseCla
 OPERATIONS: dict[str, dict[str, Any]] = {
     "health": dict(
         summary="The node's health and the cluster's active key",
-        description="Read afresh from the configuration database on every call: a rotation shows at once. No "
-        "authentication.",
+        description="From the node's view of its cluster, read from the configuration database at most about a "
+        "second before (a rotation shows within that second). No authentication; the public load balancer serves it "
+        "to its operators only.",
     ),
     "slc": dict(
         summary="The cluster's server licensor certificate and trust information",
         description="The SLC chain to verify PLs and ULs with, the active key id, and the keys revoked as "
-        "compromised. No authentication. Licensing clusters read the root cluster's to learn about rotations.",
+        "compromised, read at most about a second before. No authentication. Licensing clusters read the root "
+        "cluster's to learn about rotations.",
     ),
     "certify": dict(
         summary="Issue a RAC for the authenticated user",

@@ -32,6 +32,7 @@ from rmsd.schema import utcnow
 
 log = logging.getLogger("rmsd")
 ACTIVE_KEY_TTL = 5.0  # seconds a node trusts its view of the active key before reading it again
+SNAPSHOT_SECONDS = 1.0  # how old the cluster state that anyone may ask for (health, SLC) may be
 # A PL has no expiry of its own; a verified one is kept at most this long (and while the LRU keeps it).
 PL_CACHE_SECONDS = 3600.0
 
@@ -84,6 +85,10 @@ class Node:
         self._keys: dict[str, ClusterKey] = {}
         self._state: ClusterState | None = None
         self._lock = threading.Lock()
+        self.snapshot_seconds = SNAPSHOT_SECONDS
+        self._snapshot: ClusterState | None = None
+        self._snapshot_failed: tuple[float, Exception] | None = None
+        self._snapshot_reading = threading.Lock()
         self._stop = threading.Event()
         self.racs = caches.VerifiedCache("rac")
         self.pls = caches.VerifiedCache("pl")
@@ -135,25 +140,53 @@ class Node:
         """The cluster as this node knows it: read again when asked to, or when older than `max_age` seconds."""
         with self._lock:
             if refresh or self._state is None or time.monotonic() - self._state.read_at > max_age:
-                with self.engine.connect() as conn:
-                    row = clusters.get_cluster(conn, self.config.cluster)
-                    if row is None:
-                        raise RmsdError(f"cluster {self.config.cluster!r} is not in the configuration database")
-                    # One read of the keys: with two, a rotation committed between them would show the
-                    # active key of the first as compromised in the second.
-                    key_rows = clusters.keys_of(conn, row.id)
-                    key_row = clusters.active_among(key_rows)
-                    revoked = clusters.compromised_among(key_rows)
-                    for key_id in revoked:  # never again used by this process
-                        self._keys.pop(key_id, None)
-                    active = self._key_of(key_row)
-                    slc = clusters.current_slc_row(conn, row.id, key_row.id)
-                    chain = [slc.pem]
-                    if row.role == "licensing":
-                        chain.append(clusters.root_slc_row(conn, row.id, slc.issuer_key_id).pem)
-                    trusted = [(pki.cert_key_id(slc), slc) for slc in clusters.trust_anchors(conn, row)]
-                self._state = ClusterState(row, active, slc.pem, chain, trusted, revoked)
+                self._state = self._read_state()
             return self._state
+
+    def _read_state(self) -> ClusterState:
+        with self.engine.connect() as conn:
+            row = clusters.get_cluster(conn, self.config.cluster)
+            if row is None:
+                raise RmsdError(f"cluster {self.config.cluster!r} is not in the configuration database")
+            # One read of the keys: with two, a rotation committed between them would show the
+            # active key of the first as compromised in the second.
+            key_rows = clusters.keys_of(conn, row.id)
+            key_row = clusters.active_among(key_rows)
+            revoked = clusters.compromised_among(key_rows)
+            for key_id in revoked:  # never again used by this process
+                self._keys.pop(key_id, None)
+            active = self._key_of(key_row)
+            slc = clusters.current_slc_row(conn, row.id, key_row.id)
+            chain = [slc.pem]
+            if row.role == "licensing":
+                chain.append(clusters.root_slc_row(conn, row.id, slc.issuer_key_id).pem)
+            trusted = [(pki.cert_key_id(slc), slc) for slc in clusters.trust_anchors(conn, row)]
+        return ClusterState(row, active, slc.pem, chain, trusted, revoked)
+
+    def snapshot(self) -> ClusterState:
+        """The cluster as anyone may ask for it (GET /health, GET /slc): read at most about `snapshot_seconds`
+        ago. One request at a time reads it again, while the others answer from the previous read (only the
+        very first read is waited for), and never under the lock issuing takes: a flood of anonymous requests
+        costs the configuration database one read per `snapshot_seconds` and stalls no licensing. A failed
+        read is answered as such (e.g. the database is unavailable) for the same time, without trying again."""
+        current, failed = self._snapshot, self._snapshot_failed
+        if failed is not None and time.monotonic() - failed[0] <= self.snapshot_seconds:
+            raise failed[1]
+        if current is not None and time.monotonic() - current.read_at <= self.snapshot_seconds:
+            return current
+        if not self._snapshot_reading.acquire(blocking=current is None):
+            return current  # type: ignore[return-value]  # another request reads it now
+        try:
+            if self._snapshot is not current:  # read by another request while this one waited
+                return self._snapshot  # type: ignore[return-value]
+            try:
+                self._snapshot, self._snapshot_failed = self._read_state(), None
+            except Exception as err:
+                self._snapshot_failed = (time.monotonic(), err)
+                raise
+            return self._snapshot
+        finally:
+            self._snapshot_reading.release()
 
     def _issuing(self, issue):
         """Run `issue(state, conn)` in a write transaction that holds the active key as active, so

@@ -2,6 +2,7 @@
 rmsd.contract publishes them, every error as a problem document, the limits of rmsd.limits first."""
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -49,6 +50,8 @@ from rmsd.node import Node
 from rmsd.schema import utcnow
 
 log = logging.getLogger("rmsd")
+# Seconds a stopping worker waits for the requests under way (each bounded by the limits) before it ends them.
+GRACEFUL_SHUTDOWN_SECONDS = 10
 
 
 ERRORS = {
@@ -98,9 +101,11 @@ def create_app(config: NodeConfig, heartbeat: bool = True) -> FastAPI:
     # FastAPI's documented way to customize the schema is to replace this method.
     app.openapi = lambda: app.openapi_schema or _documented(app)  # type: ignore[method-assign]
     app.state.node = node
+    app.state.stopping = limits.Stopping()
     # Outermost of the app's own middleware: ids, the body limit and unexpected errors come first.
     app.add_middleware(limits.RequestGuard, max_body_bytes=config.max_body_bytes or limits.MAX_BODY_BYTES,
-                       read_timeout_seconds=config.read_timeout_seconds or limits.READ_TIMEOUT_SECONDS)
+                       read_timeout_seconds=config.read_timeout_seconds or limits.READ_TIMEOUT_SECONDS,
+                       stopping=app.state.stopping)
     outage = limits.OutageLog()
     app.state.outage = outage
     sa.event.listen(node.engine, "after_cursor_execute", outage.succeeded)  # a statement ran: it is back
@@ -148,19 +153,27 @@ def create_app(config: NodeConfig, heartbeat: bool = True) -> FastAPI:
     def status(request: Request):
         return status_page_response(config.status_page, request.headers.get("if-none-match"))
 
+    # /health and /slc answer anyone: from a snapshot of the cluster at most about a second old, read by one
+    # request at a time and never under the lock issuing takes, so a flood of them costs the database one read
+    # a second and stalls no licensing.
     @app.get("/health", response_model=Health, operation_id="health", **_docs("health"), tags=["node"])
-    def health():
-        state = node.state(refresh=True)  # cheap, and what a rotation changed shows at once
+    def health(request: Request):
+        if app.state.stopping.since is not None:  # a balancer takes it out, and sends it nothing new
+            return limits.problem(503, "this node is stopping: it serves what it holds and takes nothing new; ask "
+                                  "another node", kind="stopping", request=request,
+                                  headers={"Retry-After": retry_after})
+        state = node.snapshot()
         return Health(
             status="ok", cluster=state.row.name, node=config.name, role=state.row.role, state=state.row.state,
             active_key_id=state.active.key_id, version=__version__, started_at=node.started_at.isoformat(),
             restart_advised=any(at >= node.started_at for at in state.revoked.values()),
+            instance_id=config.instance_id,
         )
 
     @app.get("/slc", response_model=Slc, operation_id="slc", **_docs("slc"), tags=["node"])
     def slc():
-        # Always read afresh: licensing clusters learn here that the root key changed or was revoked.
-        state = node.state(refresh=True)
+        # Licensing clusters learn here, within that second, that the root key changed or was revoked.
+        state = node.snapshot()
         return Slc(
             cluster=state.row.name, role=state.row.role, state=state.row.state, intranet_url=state.row.intranet_url,
             extranet_url=state.row.extranet_url, key_id=state.active.key_id, chain=state.chain,
@@ -257,7 +270,8 @@ def serve(config: NodeConfig) -> None:
     tls = check_tls(config)
     workers = worker_count(config)
     if workers == 1:
-        _serve_worker(config, tls)
+        # Bound before the node starts (a request waits in the backlog meanwhile), and alone on its port.
+        _serve_worker(config, tls, [listening_socket(config.listen_address, config.port)])
     else:
         _supervise(config, tls, workers)
 
@@ -272,7 +286,7 @@ def _started_app(config: NodeConfig, heartbeat: bool = True) -> FastAPI:
     return app
 
 
-def _serve_worker(config: NodeConfig, tls: dict, sock: socket.socket | None = None, ready=None,
+def _serve_worker(config: NodeConfig, tls: dict, sockets: list[socket.socket], ready=None,
                   heartbeat: bool = True) -> None:
     import uvicorn
 
@@ -282,13 +296,26 @@ def _serve_worker(config: NodeConfig, tls: dict, sock: socket.socket | None = No
     else:
         log.info("serving %s", config.url)
     server_config = uvicorn.Config(app, host=config.listen_address, port=config.port, log_level="info",
-                                   timeout_graceful_shutdown=10, **uvicorn_limits(config), **tls)
-    server = uvicorn.Server(server_config)
-    server.run(sockets=[sock] if sock is not None else None)
-    if not server.started:  # the port or the start-up failed, and uvicorn said why
-        if sock is None:
-            sys.exit(3)  # as uvicorn.run
+                                   timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS, **uvicorn_limits(config), **tls)
+    server = stopping_server(server_config, app.state.stopping)
+    server.run(sockets=sockets)
+    if not server.started:  # the start-up failed, and uvicorn said why
         raise RmsdError("the worker did not start")
+
+
+def stopping_server(config, stopping: limits.Stopping):
+    """uvicorn's server for `config`, which first lets a balancer take the node out when it stops."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            # Closing the listening sockets resets the connections the kernel holds for them, and a request
+            # already sent on one fails: a balancer does not send a POST again. So first answer /health 503
+            # and serve on until no request comes (the balancer took the node out), then stop.
+            await stopping.drain()
+            await super().shutdown(sockets)
+
+    return Server(config)
 
 
 def _supervise(config: NodeConfig, tls: dict, workers: int) -> None:
@@ -299,8 +326,10 @@ def _supervise(config: NodeConfig, tls: dict, workers: int) -> None:
     # Each worker listens on a socket of its own on the same port (SO_REUSEPORT), so that the kernel spreads
     # new connections over the workers. On one shared socket the first worker to wake accepts every pending
     # connection, and a client's keep-alive connections, opened together, all end up in one worker.
-    # The port is tried here first, so that a port in use is said once, before any worker starts.
-    listening_socket(config.listen_address, config.port, reuse_port=True).close()
+    # The port is reserved here first, so that a port in use is said once, before any worker starts, and no
+    # other process can take it meanwhile. Every worker serves the reserving socket too (the connections the
+    # kernel gives it), besides its own.
+    reserved = reserve_port(config.listen_address, config.port)
     children: dict[int, int] = {}  # pid -> worker number
     stopping = False
 
@@ -320,7 +349,7 @@ def _supervise(config: NodeConfig, tls: dict, workers: int) -> None:
                     os.write(ready_w, b"1")
                     os.close(ready_w)
                 sock = listening_socket(config.listen_address, config.port, reuse_port=True)
-                _serve_worker(config, tls, sock, ready, heartbeat=number == 1)
+                _serve_worker(config, tls, [sock, reserved], ready, heartbeat=number == 1)
             except RmsdError as err:
                 print(f"rmsd: worker {number}: {err}", file=sys.stderr)
                 code = 2
@@ -345,6 +374,7 @@ def _supervise(config: NodeConfig, tls: dict, workers: int) -> None:
             os.kill(pid, signal.SIGTERM)
 
     def stop_all() -> None:
+        reserved.close()
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -356,6 +386,8 @@ def _supervise(config: NodeConfig, tls: dict, workers: int) -> None:
     def on_signal(_signum, _frame):
         nonlocal stopping
         stopping = True
+        # The workers serve the port until they stop; once they are gone, nothing may hold connections there.
+        reserved.close()
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -382,24 +414,41 @@ def _supervise(config: NodeConfig, tls: dict, workers: int) -> None:
         stop_all()
 
 
-def listening_socket(address: str, port: int, reuse_port: bool = False) -> socket.socket:
+def listening_socket(address: str, port: int, reuse_port: bool = False,
+                     backlog: int = limits.MAX_CONNECTIONS) -> socket.socket:
     """A worker's TCP listening socket, made with its protocol named: asyncio turns Nagle's algorithm off
     (TCP_NODELAY) only on connections whose socket says IPPROTO_TCP, and socket.create_server leaves it 0.
     Without it a response written in two parts (headers, body) waits for the client's delayed ACK: about
-    40 ms per request. reuse_port: one of several sockets on the port (only processes of the same user
-    may join them: the node's own workers)."""
+    40 ms per request. reuse_port: one of the node's workers' sockets on a port its supervisor reserved
+    (reserve_port); without it, the port must be free of any other socket."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port in TIME_WAIT only is free
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((address, port))
-        sock.listen(2048)
+        sock.listen(backlog)
     except OSError as err:
         sock.close()
+        if err.errno == errno.EADDRINUSE:
+            raise RmsdError(
+                f"cannot listen on {address} port {port}: another process holds this address and port (another rmsd "
+                "instance, or another service); stop it, or give this node another port. Nothing was started"
+            ) from None
         raise RmsdError(f"cannot listen on {address} port {port}: {err.strerror or err}") from None
+    return sock
+
+
+def reserve_port(address: str, port: int) -> socket.socket:
+    """The node's port, held for its workers by their supervisor: bound and listening without SO_REUSEPORT,
+    so that a port any other socket holds is refused (with SO_REUSEPORT, a second rmsd of the same user would
+    share it, and the kernel would split the connections between two unrelated nodes), and so that no other
+    socket can take the port before the workers listen (a socket only bound would not stop another one bound
+    with SO_REUSEADDR). SO_REUSEPORT is set once it listens, so that the workers' own sockets can join it."""
+    sock = listening_socket(address, port)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     return sock
 
 
@@ -417,11 +466,18 @@ def _end_with_parent(supervisor: int) -> None:
 
 def uvicorn_limits(config: NodeConfig) -> dict:
     """uvicorn's own limits, applied before the application sees a request: the h11 parser (where
-    h11_max_incomplete_event_size bounds request line and headers, and the guarded protocol the time
-    they may take), the keep-alive time; no Server header."""
+    h11_max_incomplete_event_size bounds request line and headers, and the guarded protocol the time every
+    state of a connection may take and how many connections a worker holds), the keep-alive time, the TLS
+    handshake and shutdown times (the guarded loop), the listen backlog; no Server header."""
+    io_timeout = config.read_timeout_seconds or limits.READ_TIMEOUT_SECONDS
+    max_connections = config.max_connections or limits.MAX_CONNECTIONS
     return {
-        "http": limits.guarded_h11(config.read_timeout_seconds or limits.READ_TIMEOUT_SECONDS),
+        "http": limits.guarded_h11(io_timeout, max_connections),
+        "loop": limits.guarded_loop(io_timeout),
         "h11_max_incomplete_event_size": config.max_header_bytes or limits.MAX_HEADER_BYTES,
         "timeout_keep_alive": config.keep_alive_seconds or limits.KEEP_ALIVE_SECONDS,
+        # Connections the kernel completes while the worker is busy wait here, as many as the worker may hold;
+        # beyond it the kernel refuses them (a balancer tries another node).
+        "backlog": max_connections,
         "server_header": False,
     }

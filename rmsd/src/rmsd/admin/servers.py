@@ -3,6 +3,9 @@
 import ipaddress
 import os
 import pwd
+import re
+import tomllib
+import uuid
 from pathlib import Path
 
 from rmsd import clusters
@@ -24,6 +27,8 @@ from rmsd.identity import check_jwks_uri
 from rmsd.keys import TokenSettings
 from rmsd.schema import utcnow
 
+INSTANCE_ID = re.compile(r"[0-9a-f]{32}")
+
 
 def ensure_server(
     *, cluster, name, database_url, database_password=None, key_password=None, previous_key_password=None,
@@ -35,7 +40,8 @@ def ensure_server(
     a pkcs11 cluster gets the token (`pkcs11`: module, token_label, pin; the PIN goes to the secret file).
     With `tls_certificate` and `tls_key` (paths of PEM files already on the node) it serves HTTPS.
     `http_limits`: rmsd.config.HTTP_LIMITS to set (the others keep their defaults). `workers`: worker
-    processes (None or 0: one per core of the host)."""
+    processes (None or 0: one per core of the host). The node's instance id is made when its configuration
+    file is first written and kept by every rewrite."""
     check_name("cluster", cluster)
     check_name("server name", name)
     check_absolute("config_path", config_path)
@@ -62,13 +68,24 @@ def ensure_server(
             secret_path=secret_path, identity_issuer=identity_issuer, identity_audience=identity_audience,
             identity_jwks_uri=identity_jwks_uri, pkcs11_module=token.module if token else None,
             pkcs11_token_label=token.token_label if token else None, tls_certificate=tls_certificate or None,
-            tls_key=tls_key or None, workers=workers, **chosen_limits,
+            tls_key=tls_key or None, workers=workers, instance_id=_instance_id(config_path), **chosen_limits,
         )
         secrets = Secrets(key_password=key_password, previous_key_password=previous_key_password or None,
                           database_password=database_password, pkcs11_pin=token.pin if token else None)
         result = _server_present(store, config, config_path, secrets, check_mode)
         result.warnings.extend(warnings)
         return result
+
+
+def _instance_id(config_path) -> str:
+    """The node's instance id: the one its configuration file holds (kept by every rewrite), else a new one."""
+    try:
+        found = tomllib.loads(read_text_or_none(config_path) or "").get("node", {}).get("instance_id")
+    except tomllib.TOMLDecodeError:
+        found = None
+    if isinstance(found, str) and INSTANCE_ID.fullmatch(found):
+        return found
+    return uuid.uuid4().hex
 
 
 def _check_tls_files(tls_certificate, tls_key, check_mode) -> list[str]:
@@ -137,6 +154,7 @@ def _server_present(store: Store, config: NodeConfig, config_path, secrets: Secr
             "name": config.name, "cluster": config.cluster, "listen_address": config.listen_address,
             "port": config.port, "url": config.url, "config_path": config_path, "secret_path": secret_path,
             "tls": config.tls, "tls_certificate": config.tls_certificate, "tls_key": config.tls_key,
+            "instance_id": config.instance_id,
         },
         "config_changed": config_changed or secret_changed,
     }
