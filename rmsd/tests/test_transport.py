@@ -10,7 +10,8 @@ from rmsd import transport
 from rmsd.errors import RmsdError
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "127.6.0.10", "::1", "[::1]", "localhost", "LOCALHOST.", "a.localhost", ""])
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.6.0.10", "::1", "[::1]", "localhost", "LOCALHOST.", "a.localhost",
+                                  ""])
 def test_loopback_hosts(host):
     assert transport.is_loopback(host)
 
