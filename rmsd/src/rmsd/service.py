@@ -43,6 +43,7 @@ from rmsd.errors import (
     NotFoundError,
     RevokedError,
     RmsdError,
+    TooManyRequestsError,
 )
 from rmsd.identity import Principal
 from rmsd.node import Node
@@ -180,10 +181,18 @@ def create_app(config: NodeConfig, heartbeat: bool = True) -> FastAPI:
     def licensing(body: LicensingRequest, principal: User):
         return node.license(principal, body.pl, body.rac)
 
-    @app.post("/enrollment", response_model=Enrollment, operation_id="enroll", **_docs("enroll"), tags=["enrollment"])
-    def enrollment(body: EnrollmentRequest):
+    @app.post("/enrollment", response_model=Enrollment, operation_id="enroll", **_docs("enroll"), tags=["enrollment"],
+              responses={429: {"model": Problem, "description": "too many enrollment requests; see Retry-After"}})
+    def enrollment(body: EnrollmentRequest, request: Request):
         urls = [u for u in (body.intranet_url, body.extranet_url) if u]
-        return node.enroll(body.cluster, body.credential, body.csr, urls, body.revoked_key_ids)
+        # The client's address: the peer, or what a trusted proxy says it is (uvicorn_proxy).
+        source = request.client.host if request.client else ""
+        try:
+            return node.enroll(body.cluster, body.credential, body.csr, urls, body.revoked_key_ids, body.revocations,
+                               source=source)
+        except TooManyRequestsError as err:
+            return limits.problem(429, str(err), kind="too-many-requests", request=request,
+                                  headers={"Retry-After": str(err.retry_after)}, error=type(err).__name__)
 
     return app
 
@@ -282,7 +291,8 @@ def _serve_worker(config: NodeConfig, tls: dict, sock: socket.socket | None = No
     else:
         log.info("serving %s", config.url)
     server_config = uvicorn.Config(app, host=config.listen_address, port=config.port, log_level="info",
-                                   timeout_graceful_shutdown=10, **uvicorn_limits(config), **tls)
+                                   timeout_graceful_shutdown=10, **uvicorn_limits(config), **uvicorn_proxy(config),
+                                   **tls)
     server = uvicorn.Server(server_config)
     server.run(sockets=[sock] if sock is not None else None)
     if not server.started:  # the port or the start-up failed, and uvicorn said why
@@ -425,3 +435,13 @@ def uvicorn_limits(config: NodeConfig) -> dict:
         "timeout_keep_alive": config.keep_alive_seconds or limits.KEEP_ALIVE_SECONDS,
         "server_header": False,
     }
+
+
+def uvicorn_proxy(config: NodeConfig) -> dict:
+    """Whom the node believes about a client's address: X-Forwarded-For (and -Proto) only from a peer among
+    the node's trusted proxies (its load balancer), and from no one without them. uvicorn's own default
+    would believe any loopback peer (or $FORWARDED_ALLOW_IPS): on a host that also runs other software, any
+    local process could then pose as any client of the per-address limits."""
+    if not config.trusted_proxies:
+        return {"proxy_headers": False, "forwarded_allow_ips": []}
+    return {"proxy_headers": True, "forwarded_allow_ips": list(config.trusted_proxies)}
