@@ -156,3 +156,36 @@ def test_secret_file_of_a_licensing_node_is_private(ansible, root, tmp_path):
     content, mode = file_state(node["secret_path"])
     assert mode == "0o600" and params["key_password"].encode() in content
     assert secret.encode() not in content and secret.encode() not in Path(node["config_path"]).read_bytes()
+
+
+def test_a_credential_enrolls_once(ansible, root, tmp_path):
+    secret = secrets.token_urlsafe(30)
+    made = ansible.run("rmsops.rms.enrollment_credential", credential_params(root, "once", secret)).ok()
+    assert made.changed and made.result["credential"]["used"] is False
+    params = licensing_params(root, tmp_path, "once", secret)
+    ansible.run("rmsops.rms.cluster", params).ok()
+    # The same secret again, for a cluster provisioned afresh: the credential was spent by the first enrollment.
+    again = {**params, "database_url": f"sqlite:///{tmp_path}/again/config.db"}
+    run = ansible.run("rmsops.rms.cluster", again, verbosity=3)
+    assert run.failed and "refused the enrollment credential" in run.msg and "Nothing was changed" in run.msg
+    assert secret not in run.output and not (tmp_path / "again" / "config.db").exists()
+    # Asked for again, the credential is made afresh (present means usable), and then stays as it is.
+    fresh = ansible.run("rmsops.rms.enrollment_credential", credential_params(root, "once", secret)).ok()
+    assert fresh.changed and fresh.result["credential"]["used"] is False
+    assert not ansible.run("rmsops.rms.enrollment_credential", credential_params(root, "once", secret)).ok().changed
+
+
+def test_enrollment_and_database_urls_off_loopback_must_be_verified(ansible, tmp_path):
+    secret = secrets.token_urlsafe(30)
+    root = {"url": "http://rms-root.corp.example.com:8080"}
+    run = ansible.run("rmsops.rms.cluster", licensing_params(root, tmp_path, "clear", secret), verbosity=3)
+    assert run.failed and "enrollment_url uses plain http to rms-root.corp.example.com" in run.msg
+    assert "https" in run.msg and secret not in run.output
+    assert not (tmp_path / "clear" / "config.db").exists()
+    password = "db-" + secrets.token_hex(12)
+    for sslmode in ("", "?sslmode=require", "?sslmode=verify-ca&sslrootcert=/etc/ssl/ca.pem"):
+        run = ansible.run("rmsops.rms.enrollment_credential", {
+            **credential_params({"name": "corp", "database_url": "postgresql://rms@pg.corp.example.com/corp" + sslmode},
+                                "x", secret), "database_password": password})
+        assert run.failed and "sslmode=verify-full&sslrootcert=" in run.msg, run.msg
+        assert password not in run.output and secret not in run.output
