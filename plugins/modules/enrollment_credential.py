@@ -14,7 +14,7 @@ description:
   - Manages an enrollment credential on the root cluster. A licensing cluster presents the credential's secret
     to the root cluster's C(POST /enrollment) to get its server licensor certificate (SLC); see
     M(rmsops.rms.cluster) with O(rmsops.rms.cluster#module:role=licensing).
-  - A credential is scoped to one licensing cluster, expires, and enrolls once: the enrollment it makes spends it,
+  - A credential is scoped to one licensing cluster, expires, and enrolls once; the enrollment it makes spends it,
     and the root cluster refuses it afterwards. The root cluster stores only a salted scrypt hash of the secret; the
     secret is never returned or shown in a diff.
   - With O(state=present) the task changes nothing while a credential for O(scope) with this O(secret) is still
@@ -70,7 +70,7 @@ EXAMPLES = r"""
     scope: finance
     secret: "{{ finance_enrollment_secret }}"
     valid_for: 900
-    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp
+    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp?sslmode=verify-full&sslrootcert=/etc/ssl/certs/corp-ca.pem
     database_password: "{{ vault_rms_database_password }}"
   vars:
     ansible_python_interpreter: /opt/rmsd/venv/bin/python
@@ -80,7 +80,7 @@ EXAMPLES = r"""
     cluster: corp
     scope: finance
     state: absent
-    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp
+    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp?sslmode=verify-full&sslrootcert=/etc/ssl/certs/corp-ca.pem
     database_password: "{{ vault_rms_database_password }}"
   vars:
     ansible_python_interpreter: /opt/rmsd/venv/bin/python
