@@ -230,9 +230,10 @@ def test_a_flood_from_one_address_gets_429_and_runs_the_kdf_only_burst_times(roo
     record_property("hypothesis_cases", f"enrollment floods from one address: {dict(statuses)}; KDF runs = burst")
 
 
-def test_credential_checks_at_once_are_bounded_and_the_rest_get_429_at_once(root, monkeypatch):
+def test_credential_checks_at_once_are_bounded_and_the_rest_get_429_at_once(root, monkeypatch, frozen_clock):
     """With every slot held by a slow check, further requests are refused at once (no KDF run, no waiting
-    thread, no memory held) with Retry-After; the held ones finish normally."""
+    thread, no memory held) with Retry-After, and cost their address nothing of its per-address allowance;
+    the held ones finish normally."""
     database, config_path = root
     key = new_key()
     in_flight, release = Counter(), threading.Event()
@@ -244,9 +245,9 @@ def test_credential_checks_at_once_are_bounded_and_the_rest_get_429_at_once(root
         return original(secret, salt)
 
     with serving(config_path) as (node, url):
-        unlimited(node)
-        monkeypatch.setattr(clusters, "hash_secret", slow)
         slots = node.credential_checks.size
+        node.enrollment_sources = throttle.SourceLimiter(slots + 1, 60.0, "enrollment requests")
+        monkeypatch.setattr(clusters, "hash_secret", slow)
         held: list = []
         threads = [threading.Thread(target=lambda: held.append(
             httpx.post(f"{url}/enrollment", json=request_body("dept", key, "wrong"), timeout=60)))
@@ -260,6 +261,10 @@ def test_credential_checks_at_once_are_bounded_and_the_rest_get_429_at_once(root
         release.set()
         for thread in threads:
             thread.join(60)
+        # The address spent one request of its allowance per check that ran: one is left.
+        after = [httpx.post(f"{url}/enrollment", json=request_body("dept", key, "wrong"), timeout=30).status_code
+                 for _ in range(2)]
+    assert after == [401, 429]
     assert slots == 2 and started_while_full == slots
     assert [r.status_code for r in refused] == [429] * 5
     assert all(r.headers["retry-after"] == "1" and "busy" in r.json()["detail"] for r in refused)

@@ -229,14 +229,15 @@ class Node:
         self._refuse_if_decommissioned(state, "enroll licensing clusters")
         if cluster == state.row.name:
             raise ForbiddenError("the root cluster cannot enroll itself")
-        self.enrollment_sources.take(source)
-        now = utcnow()
-        with self.reader.connect() as conn:
-            found = clusters.credential_row(conn, state.row.id, cluster)
         # Authenticate before looking at the request; one message for every refusal, and the same work (one
-        # KDF run), so that neither tells anyone which scopes exist.
+        # KDF run), so that neither tells anyone which scopes exist. The address pays for the KDF runs only:
+        # a request refused because every check is taken costs it nothing.
         refused = "no valid enrollment credential for the cluster named (unknown, wrong, used or expired)"
+        now = utcnow()
         with self.credential_checks.held():
+            self.enrollment_sources.take(source)
+            with self.reader.connect() as conn:
+                found = clusters.credential_row(conn, state.row.id, cluster)
             accepted = clusters.credential_accepts(found, credential, now)
         if not accepted:
             raise AuthenticationError(refused)
