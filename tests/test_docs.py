@@ -28,9 +28,9 @@ GUIDES = REPO / "docs" / "docsite" / "rst"
 RMSD_PYTHON = "/opt/rmsd/venv/bin/python"
 # The configuration databases every example names, as the example inventory and the guides do.
 DATABASES = {
-    "corp": ("postgresql://rms@pg.corp.example.com:5432/drms_config_corp",
+    "corp": ("postgresql://rms@pg.corp.example.com:5432/drms_config_corp?sslmode=verify-full&sslrootcert=/etc/ssl/certs/corp-ca.pem",
              "sqlite:////var/lib/rmsd/corp/config.db"),
-    "finance": ("postgresql://rms@pg.corp.example.com:5432/drms_config_finance",),
+    "finance": ("postgresql://rms@pg.corp.example.com:5432/drms_config_finance?sslmode=verify-full&sslrootcert=/etc/ssl/certs/corp-ca.pem",),
     "lab": ("sqlite:////var/lib/rmsd/lab/config.db",),
 }
 TASK_LISTS = ("tasks", "pre_tasks", "post_tasks", "handlers", "block", "rescue", "always")

@@ -2,6 +2,7 @@
 role=licensing enrolling over HTTP with a running root node, rights_template, decommissioning.
 Four runs each; the enrollment secret never reaches the output."""
 
+import json
 import os
 import secrets
 import signal
@@ -156,3 +157,71 @@ def test_secret_file_of_a_licensing_node_is_private(ansible, root, tmp_path):
     content, mode = file_state(node["secret_path"])
     assert mode == "0o600" and params["key_password"].encode() in content
     assert secret.encode() not in content and secret.encode() not in Path(node["config_path"]).read_bytes()
+
+
+def test_a_credential_enrolls_once(ansible, root, tmp_path):
+    secret = secrets.token_urlsafe(30)
+    made = ansible.run("rmsops.rms.enrollment_credential", credential_params(root, "once", secret)).ok()
+    assert made.changed and made.result["credential"]["used"] is False
+    params = licensing_params(root, tmp_path, "once", secret)
+    ansible.run("rmsops.rms.cluster", params).ok()
+    # The same secret again, for a cluster provisioned afresh: the credential was spent by the first enrollment.
+    again = {**params, "database_url": f"sqlite:///{tmp_path}/again/config.db"}
+    run = ansible.run("rmsops.rms.cluster", again, verbosity=3)
+    assert run.failed and "refused the enrollment credential" in run.msg and "Nothing was changed" in run.msg
+    assert secret not in run.output and not (tmp_path / "again" / "config.db").exists()
+    # Asked for again, the credential is made afresh (present means usable), and then stays as it is.
+    fresh = ansible.run("rmsops.rms.enrollment_credential", credential_params(root, "once", secret)).ok()
+    assert fresh.changed and fresh.result["credential"]["used"] is False
+    assert not ansible.run("rmsops.rms.enrollment_credential", credential_params(root, "once", secret)).ok().changed
+
+
+def test_enrollment_and_database_urls_off_loopback_must_be_verified(ansible, tmp_path):
+    secret = secrets.token_urlsafe(30)
+    root = {"url": "http://rms-root.corp.example.com:8080"}
+    run = ansible.run("rmsops.rms.cluster", licensing_params(root, tmp_path, "clear", secret), verbosity=3)
+    assert run.failed and "enrollment_url uses plain http to rms-root.corp.example.com" in run.msg
+    assert "https" in run.msg and secret not in run.output
+    assert not (tmp_path / "clear" / "config.db").exists()
+    password = "db-" + secrets.token_hex(12)
+    for sslmode in ("", "?sslmode=require", "?sslmode=verify-ca&sslrootcert=/etc/ssl/ca.pem"):
+        run = ansible.run("rmsops.rms.enrollment_credential", {
+            **credential_params({"name": "corp", "database_url": "postgresql://rms@pg.corp.example.com/corp" + sslmode},
+                                "x", secret), "database_password": password})
+        assert run.failed and "sslmode=verify-full&sslrootcert=" in run.msg, run.msg
+        assert password not in run.output and secret not in run.output
+
+
+ROLE_VARS = {"licensing_cluster_name": "finance", "licensing_cluster_intranet_url": "https://finance.example.com",
+             "licensing_cluster_root_host": "localhost", "licensing_cluster_root_name": "corp",
+             "licensing_cluster_root_database_url": "sqlite:////nonexistent/config.db",
+             "licensing_cluster_key_password": "kp-" + secrets.token_hex(12),
+             "server_install_done": True, "server_rmsd_ready": False}
+REFUSAL = "Refuse a plain HTTP root cluster URL off the loopback interface"
+
+
+@pytest.mark.parametrize("root_url, refused", [
+    ("http://rms.corp.example.com", True), ("http://10.0.10.10:8080", True), ("ftp://rms.corp.example.com", True),
+    ("https://rms.corp.example.com", False), ("http://127.0.1.1:8080", False), ("http://localhost:8080", False),
+])
+def test_the_licensing_cluster_role_refuses_a_plain_http_root_url_off_loopback(tmp_path, root_url, refused):
+    playbook = tmp_path / "play.yml"
+    playbook.write_text(json.dumps([{
+        "name": "A licensing cluster", "hosts": "localhost", "gather_facts": False,
+        "vars": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable},
+        "roles": [{"role": "rmsops.rms.licensing_cluster",
+                   "vars": {**ROLE_VARS, "licensing_cluster_root_url": root_url}}],
+    }]))
+    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0", ANSIBLE_LOCALHOST_WARNING="false",
+               ANSIBLE_RETRY_FILES_ENABLED="false")
+    proc = subprocess.run([str(Path(sys.executable).with_name("ansible-playbook")), "-i", "localhost,", "--check",
+                           str(playbook)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+    output = proc.stdout + proc.stderr
+    after = output.split(REFUSAL, 1)[1]
+    outcome = next(line for line in after.splitlines() if line.startswith(("ok:", "fatal:")))
+    if refused:
+        assert outcome.startswith("fatal:") and "licensing_cluster_root_url" in after and "https" in after, output
+        assert proc.returncode == 2 and "changed=0" in output
+    else:
+        assert outcome.startswith("ok:"), output

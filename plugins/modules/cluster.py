@@ -139,7 +139,7 @@ EXAMPLES = r"""
 - name: Provision a root cluster whose configuration database is shared by its members
   rmsops.rms.cluster:
     name: corp
-    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp
+    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp?sslmode=verify-full&sslrootcert=/etc/ssl/certs/corp-ca.pem
     database_password: "{{ vault_rms_database_password }}"
     key_password: "{{ vault_rms_corp_key_password }}"
     intranet_url: https://rms.corp.example.com
@@ -151,7 +151,7 @@ EXAMPLES = r"""
   rmsops.rms.cluster:
     name: finance
     role: licensing
-    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_finance
+    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_finance?sslmode=verify-full&sslrootcert=/etc/ssl/certs/corp-ca.pem
     database_password: "{{ vault_rms_database_password }}"
     key_password: "{{ vault_rms_finance_key_password }}"
     intranet_url: https://rms-finance.corp.example.com
@@ -165,7 +165,7 @@ EXAMPLES = r"""
   rmsops.rms.cluster:
     name: finance
     role: licensing
-    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_finance
+    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_finance?sslmode=verify-full&sslrootcert=/etc/ssl/certs/corp-ca.pem
     database_password: "{{ vault_rms_database_password }}"
     key_password: "{{ vault_rms_finance_key_password }}"
     intranet_url: https://rms-finance.corp.example.com

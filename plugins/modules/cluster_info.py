@@ -53,7 +53,7 @@ EXAMPLES = r"""
 - name: Name the configuration database once for every rmsops.rms module of a block
   module_defaults:
     group/rmsops.rms.rmsd:
-      database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_finance
+      database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_finance?sslmode=verify-full&sslrootcert=/etc/ssl/certs/corp-ca.pem
       database_password: "{{ vault_rms_database_password }}"
   vars:
     ansible_python_interpreter: /opt/rmsd/venv/bin/python

@@ -100,7 +100,7 @@ EXAMPLES = r"""
 - name: Revoke a compromised key; a new key pair and SLC replace it
   rmsops.rms.cluster_key:
     cluster: corp
-    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp
+    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp?sslmode=verify-full&sslrootcert=/etc/ssl/certs/corp-ca.pem
     database_password: "{{ vault_rms_database_password }}"
     key_password: "{{ vault_rms_corp_key_password }}"
     compromised_keys:
@@ -111,7 +111,7 @@ EXAMPLES = r"""
 - name: Replace a compromised key held in an HSM; the new key is generated in the same token
   rmsops.rms.cluster_key:
     cluster: corp
-    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp
+    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp?sslmode=verify-full&sslrootcert=/etc/ssl/certs/corp-ca.pem
     database_password: "{{ vault_rms_database_password }}"
     pkcs11:
       module: /usr/lib/softhsm/libsofthsm2.so
@@ -128,7 +128,7 @@ EXAMPLES = r"""
 - name: Roll the key over once a year
   rmsops.rms.cluster_key:
     cluster: corp
-    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp
+    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp?sslmode=verify-full&sslrootcert=/etc/ssl/certs/corp-ca.pem
     database_password: "{{ vault_rms_database_password }}"
     key_password: "{{ vault_rms_corp_key_password }}"
     max_age: 365
@@ -138,7 +138,7 @@ EXAMPLES = r"""
 - name: Change the cluster key password
   rmsops.rms.cluster_key:
     cluster: corp
-    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp
+    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp?sslmode=verify-full&sslrootcert=/etc/ssl/certs/corp-ca.pem
     database_password: "{{ vault_rms_database_password }}"
     key_password: "{{ vault_rms_corp_key_password_2027 }}"
     previous_key_password: "{{ vault_rms_corp_key_password }}"
@@ -148,7 +148,7 @@ EXAMPLES = r"""
 - name: Replace a licensing cluster's compromised key; the root cluster enrolls the new one
   rmsops.rms.cluster_key:
     cluster: finance
-    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_finance
+    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_finance?sslmode=verify-full&sslrootcert=/etc/ssl/certs/corp-ca.pem
     database_password: "{{ vault_rms_database_password }}"
     key_password: "{{ vault_rms_finance_key_password }}"
     compromised_keys: ["{{ finance_leaked_key_id }}"]

@@ -137,7 +137,7 @@ EXAMPLES = r"""
 - name: Write the report of content to republish and tell each owner once
   rmsops.rms.compromise_report:
     cluster: corp
-    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp
+    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp?sslmode=verify-full&sslrootcert=/etc/ssl/certs/corp-ca.pem
     database_password: "{{ vault_rms_database_password }}"
     json_path: /var/lib/rms-reports/corp-compromised-content.json
     csv_path: /var/lib/rms-reports/corp-compromised-content.csv
@@ -160,7 +160,7 @@ EXAMPLES = r"""
 - name: Render every notice without sending any (a rehearsal before a large run)
   rmsops.rms.compromise_report:
     cluster: corp
-    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp
+    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp?sslmode=verify-full&sslrootcert=/etc/ssl/certs/corp-ca.pem
     database_password: "{{ vault_rms_database_password }}"
     notify: true
     notify_dry_run: true

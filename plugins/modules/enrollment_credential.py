@@ -14,10 +14,14 @@ description:
   - Manages an enrollment credential on the root cluster. A licensing cluster presents the credential's secret
     to the root cluster's C(POST /enrollment) to get its server licensor certificate (SLC); see
     M(rmsops.rms.cluster) with O(rmsops.rms.cluster#module:role=licensing).
-  - A credential is scoped to one licensing cluster and expires. The root cluster stores only a salted scrypt hash
-    of the secret; the secret is never returned or shown in a diff.
+  - A credential is scoped to one licensing cluster, expires, and enrolls once; the enrollment it makes spends it,
+    and the root cluster refuses it afterwards. The root cluster stores only a salted scrypt hash of the secret; the
+    secret is never returned or shown in a diff.
   - With O(state=present) the task changes nothing while a credential for O(scope) with this O(secret) is still
-    valid; otherwise a fresh credential, valid for O(valid_for) seconds, replaces it.
+    usable (not expired, not yet used); otherwise a fresh credential, valid for O(valid_for) seconds, replaces it.
+  - The root cluster checks a credential only so often per client address and so many at once (it answers 429,
+    which rmsd on the licensing cluster waits for and retries), and takes a licensing cluster's claim that its
+    keys were revoked only with each key's own signed revocation statement.
   - The module is a thin layer over C(rmsd.admin.ensure_enrollment_credential); run it where rmsd is importable,
     against the root cluster's configuration database.
 extends_documentation_fragment:
@@ -60,13 +64,13 @@ author:
 """
 
 EXAMPLES = r"""
-- name: Let licensing cluster finance enroll within the next 15 minutes
+- name: Let licensing cluster finance enroll once within the next 15 minutes
   rmsops.rms.enrollment_credential:
     cluster: corp
     scope: finance
     secret: "{{ finance_enrollment_secret }}"
     valid_for: 900
-    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp
+    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp?sslmode=verify-full&sslrootcert=/etc/ssl/certs/corp-ca.pem
     database_password: "{{ vault_rms_database_password }}"
   vars:
     ansible_python_interpreter: /opt/rmsd/venv/bin/python
@@ -76,7 +80,7 @@ EXAMPLES = r"""
     cluster: corp
     scope: finance
     state: absent
-    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp
+    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp?sslmode=verify-full&sslrootcert=/etc/ssl/certs/corp-ca.pem
     database_password: "{{ vault_rms_database_password }}"
   vars:
     ansible_python_interpreter: /opt/rmsd/venv/bin/python
@@ -96,6 +100,10 @@ credential:
       description: End of validity (ISO 8601).
       type: str
       sample: "2026-11-22T10:15:00+00:00"
+    used:
+      description: Whether it has enrolled the licensing cluster already (it is then refused).
+      type: bool
+      sample: false
 """
 
 from ansible_collections.rmsops.rms.plugins.module_utils.rmsd_common import rmsd_module, run_ensure

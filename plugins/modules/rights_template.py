@@ -63,7 +63,7 @@ EXAMPLES = r"""
     rights:
       "group:finance": [VIEW, PRINT]
       "group:finance-controllers": [VIEW, PRINT, EDIT]
-    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_finance
+    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_finance?sslmode=verify-full&sslrootcert=/etc/ssl/certs/corp-ca.pem
     database_password: "{{ vault_rms_database_password }}"
   vars:
     ansible_python_interpreter: /opt/rmsd/venv/bin/python

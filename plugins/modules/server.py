@@ -145,6 +145,17 @@ options:
         opens its own database connections and PKCS#11 session.
     type: int
     default: 0
+  trusted_proxies:
+    description:
+      - Addresses, networks (C(ADDRESS/PREFIX)) or host names of the load balancers in front of the server. A
+        request from one of them is counted as coming from the client its C(X-Forwarded-For) names; any other
+        request as coming from its peer, whatever it sends. The limits per client address (enrollment) count
+        clients this way.
+      - A host name is resolved on the server when the task runs; the configuration file records its addresses.
+      - Empty (the default) believes no one's C(X-Forwarded-For).
+    type: list
+    elements: str
+    default: []
   state:
     description:
       - V(present) registers the server and writes its files.
@@ -289,6 +300,7 @@ def main():
                 )
             }),
             workers=dict(type="int", default=0),
+            trusted_proxies=dict(type="list", elements="str", default=[]),
             state=dict(type="str", choices=["present", "absent"], default="present"),
             **pkcs11_argument_spec(),
         ),

@@ -75,7 +75,7 @@ EXAMPLES = r"""
 - name: Back up the cluster's keys
   rmsops.rms.trusted_publishing_domain:
     cluster: corp
-    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp
+    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp?sslmode=verify-full&sslrootcert=/etc/ssl/certs/corp-ca.pem
     database_password: "{{ vault_rms_database_password }}"
     key_password: "{{ vault_rms_corp_key_password }}"
     path: /var/backups/rms/corp.tpd
@@ -86,7 +86,7 @@ EXAMPLES = r"""
 - name: Restore the keys into a newly provisioned cluster
   rmsops.rms.trusted_publishing_domain:
     cluster: corp
-    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp
+    database_url: postgresql://rms@pg.corp.example.com:5432/drms_config_corp?sslmode=verify-full&sslrootcert=/etc/ssl/certs/corp-ca.pem
     database_password: "{{ vault_rms_database_password }}"
     key_password: "{{ vault_rms_corp_key_password }}"
     path: /var/backups/rms/corp.tpd

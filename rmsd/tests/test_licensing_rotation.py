@@ -298,6 +298,7 @@ def test_licensing_rotation_killed_after_the_root_enrolled_the_new_key_converges
     assert run("rotation.enrolled").returncode == -9
     after_kill = info(deployment["database"], "dept")["cluster_keys"]
     assert [(k["id"], k["status"]) for k in after_kill] == [(old, "active")]
+    credential(deployment["root"])  # the killed run spent its credential; a rerun makes a fresh one (as the roles do)
     rerun = run()
     assert rerun.returncode == 0, rerun.stderr
     keys = {k["id"]: k["status"] for k in info(deployment["database"], "dept")["cluster_keys"]}

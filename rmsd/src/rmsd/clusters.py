@@ -119,6 +119,17 @@ def compromised_key_ids(conn: sa.Connection, cluster_id: int) -> list[str]:
     return list(compromised_keys(conn, cluster_id))
 
 
+def save_revocations(conn: sa.Connection, statements: dict[str, str]) -> None:
+    """Keep each compromised key's revocation statement (rmsd.revocation) with it, unless it has one."""
+    for key_id, statement in statements.items():
+        conn.execute(
+            cluster_keys.update()
+            .where(cluster_keys.c.id == key_id, cluster_keys.c.status == "compromised",
+                   cluster_keys.c.revocation.is_(None))
+            .values(revocation=statement)
+        )
+
+
 def current_slc_row(conn: sa.Connection, cluster_id: int, key_id: str):
     query = (
         sa.select(certificates)
@@ -470,6 +481,9 @@ def delete_template(conn: sa.Connection, cluster_id: int, name: str) -> None:
 
 # scrypt: a leaked configuration database does not hand out enrollment secrets.
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
+# What a request naming no usable credential is hashed with: every request costs one KDF run, so its answer
+# takes as long whatever the scope, and timing tells no one which scopes exist.
+_NO_CREDENTIAL = (os.urandom(16), bytes(_SCRYPT["dklen"]))
 
 
 def hash_secret(secret: str, salt: bytes) -> bytes:
@@ -492,6 +506,20 @@ def secret_matches(row, secret: str) -> bool:
     return hmac.compare_digest(hash_secret(secret, row.salt), row.secret_hash)
 
 
+def credential_usable(row, now: datetime) -> bool:
+    """Not expired and never used: a credential enrolls once."""
+    return row.last_used_at is None and row.expires_at > now
+
+
+def credential_accepts(row, secret: str, now: datetime) -> bool:
+    """Whether `secret` is the secret of credential `row` (None: there is none for the scope asked), and the
+    credential usable. Exactly one KDF run, whatever the row: unknown, used and expired scopes cost as much
+    as a wrong secret."""
+    salt, expected = (row.salt, row.secret_hash) if row is not None else _NO_CREDENTIAL
+    matches = hmac.compare_digest(hash_secret(secret, salt), expected)
+    return row is not None and matches and credential_usable(row, now)
+
+
 def save_credential(conn, cluster_id: int, scope: str, secret: str, expires_at: datetime, now: datetime) -> None:
     delete_credential(conn, cluster_id, scope)
     salt = os.urandom(16)
@@ -507,10 +535,17 @@ def delete_credential(conn: sa.Connection, cluster_id: int, scope: str) -> None:
     ))
 
 
-def credential_used(conn: sa.Connection, credential_id: int, now: datetime) -> None:
-    conn.execute(
-        enrollment_credentials.update().where(enrollment_credentials.c.id == credential_id).values(last_used_at=now)
+def claim_credential(conn: sa.Connection, credential_id: int, now: datetime) -> bool:
+    """Spend credential `credential_id` in the caller's transaction: True for the one transaction that finds
+    it still usable. A concurrent one waits for that one's end (the row lock on PostgreSQL, BEGIN IMMEDIATE
+    on SQLite) and then finds it used."""
+    table = enrollment_credentials
+    result = conn.execute(
+        table.update()
+        .where(table.c.id == credential_id, table.c.last_used_at.is_(None), table.c.expires_at > now)
+        .values(last_used_at=now)
     )
+    return result.rowcount == 1
 
 
 def revoke_enrollments(conn, cluster_id: int, licensing_cluster: str, key_ids, now: datetime) -> None:

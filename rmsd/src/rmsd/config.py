@@ -1,6 +1,8 @@
 """A node's configuration file (TOML, no secrets), its secret file (TOML, 0600) and its TLS files."""
 
+import ipaddress
 import os
+import socket
 import tempfile
 import tomllib
 from dataclasses import asdict, dataclass
@@ -89,6 +91,9 @@ class NodeConfig:
     # This node's identity, made once when its configuration is first written and kept by every rewrite: GET
     # /health says it, so whoever checks the node knows it reached this node and not another process on the port.
     instance_id: str | None = None
+    # Addresses or networks of the proxies (its load balancer) whose X-Forwarded-For names the client; unset:
+    # the client is the peer. Per-address limits (enrollment) count the client.
+    trusted_proxies: list[str] | None = None
 
     @property
     def tls(self) -> bool:
@@ -116,6 +121,33 @@ class Secrets:
 
     def render(self) -> str:
         return tomli_w.dumps({k: v for k, v in asdict(self).items() if v is not None})
+
+
+def check_trusted_proxies(given, resolve=socket.getaddrinfo) -> list[str] | None:
+    """The node's trusted proxies as addresses and networks (a host name becomes the addresses it resolves to
+    here), sorted; None for none. RmsdError for anything else."""
+    found: set[str] = set()
+    for value in given or []:
+        if not isinstance(value, str) or not value.strip() or value.strip() == "*":
+            raise RmsdError(f"trusted_proxies: {value!r} is not an address, network or host name of a proxy; name "
+                            "each load balancer in front of the node (trusting every address would let any client "
+                            "choose the address it is counted as)")
+        value = value.strip()
+        try:
+            if "/" in value:
+                found.add(str(ipaddress.ip_network(value, strict=False)))
+            else:
+                found.add(str(ipaddress.ip_address(value.strip("[]"))))
+            continue
+        except ValueError:
+            if "/" in value:
+                raise RmsdError(f"trusted_proxies: {value!r} is not a network (ADDRESS/PREFIX)") from None
+        try:
+            found.update(str(ipaddress.ip_address(info[4][0])) for info in resolve(value, None, 0, socket.SOCK_STREAM))
+        except (OSError, UnicodeError, ValueError):
+            raise RmsdError(f"trusted_proxies: host name {value!r} does not resolve here; give the proxy's address "
+                            "instead") from None
+    return sorted(found) or None
 
 
 MAX_WORKERS = 256

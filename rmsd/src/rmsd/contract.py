@@ -2,7 +2,7 @@
 tokens and certificates it issues hold once decoded, what each operation does, and how the answer of one
 operation feeds the next (OpenAPI links). A client is written from this document alone."""
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -84,10 +84,17 @@ class EnrollmentRequest(BaseModel):
     csr: str = Field(max_length=16384, description="PEM PKCS#10 request signed by the licensing cluster key")
     intranet_url: str = Field(max_length=512, pattern=r"^https?://")
     extranet_url: str | None = Field(default=None, max_length=512, pattern=r"^https?://")
-    credential: str = Field(min_length=1, max_length=512, description="the enrollment credential's secret")
-    revoked_key_ids: list[str] = Field(
+    credential: str = Field(min_length=1, max_length=512,
+                            description="the enrollment credential's secret; a credential enrolls once")
+    revoked_key_ids: list[Annotated[str, Field(pattern=r"^[0-9a-f]{40}$")]] = Field(
         default_factory=list, max_length=64,
-        description="keys of this licensing cluster it revoked as compromised; never enrolled again",
+        description="keys of this licensing cluster it revoked as compromised; never enrolled again. Each needs "
+        "its revocation statement in `revocations`",
+    )
+    revocations: list[Annotated[str, Field(max_length=8192)]] = Field(
+        default_factory=list, max_length=64,
+        description="revocation statements: per revoked key, a compact JWS (typ rmsd-key-revocation+jws, RS256) "
+        "signed by that key, its public key in the `jwk` header, over {cluster, revoked_key_id, iat}",
     )
 
 
@@ -311,7 +318,10 @@ OPERATIONS: dict[str, dict[str, Any]] = {
     "enroll": dict(
         summary="Certify a licensing cluster's key (root clusters only)",
         description="Authenticated by an enrollment credential (not a bearer token), scoped to one licensing "
-        "cluster and valid until it expires. A key revoked as compromised is never enrolled again.",
+        "cluster, valid until it expires and spent by the enrollment it makes. Before the credential is checked, "
+        "each client address may ask a few times, then about once every few seconds, and a node checks only a "
+        "few credentials at once: beyond either, 429 with Retry-After. A key revoked as compromised is never "
+        "enrolled again; the root takes a revocation only with the revoked key's own signed statement.",
     ),
 }
 

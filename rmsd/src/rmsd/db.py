@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
+from rmsd import transport
 from rmsd.errors import RmsdError
 
 if TYPE_CHECKING:
@@ -18,7 +19,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 # The newest migration under migrations/versions. Every module run compares the database with it, so it
 # is a constant rather than read through alembic (whose import and script scan cost a module run a good
 # part of a second); rmsd/tests/test_admin.py checks it is alembic's head.
-HEAD_REVISION = "0005"
+HEAD_REVISION = "0006"
 POOL_SIZE, POOL_OVERFLOW = 16, 24  # per process (worker); PostgreSQL's default max_connections is 100
 
 
@@ -48,6 +49,7 @@ def make_engine(database_url: str, password: str | None = None) -> sa.Engine:
         _sqlite_write_transactions(engine)
         return engine
     if backend == "postgresql":
+        refuse_unverified_postgresql(url)
         url = url.set(drivername="postgresql+psycopg")
         if password is not None:
             url = url.set(password=password)
@@ -56,6 +58,36 @@ def make_engine(database_url: str, password: str | None = None) -> sa.Engine:
         return sa.create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW,
                                 connect_args={"connect_timeout": 10})
     raise RmsdError(f"database backend {backend!r} is not supported; use sqlite:/// or postgresql://")
+
+
+def _query_values(url: sa.URL, name: str) -> list[str]:
+    value = url.query.get(name)
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
+def refuse_unverified_postgresql(url: sa.URL) -> None:
+    """RmsdError when a PostgreSQL URL reaches a host off the loopback interface without TLS that verifies the
+    server's certificate and name (libpq's sslmode=verify-full): the password, the encrypted cluster keys
+    and every row would otherwise cross the network to whoever answers. A Unix socket or a loopback host may
+    use any sslmode."""
+    hosts = [url.host or ""] + [host.strip() for name in ("host", "hostaddr")
+                                for value in _query_values(url, name) for host in value.split(",")]
+    # A host may come with its port (SQLAlchemy's host=NAME:PORT); a path is a Unix socket's folder.
+    remote = [host for host in hosts if host and not host.startswith("/") and not transport.is_loopback(
+        host.partition("]")[0].lstrip("[") if host.startswith("[") else host.partition(":")[0]
+        if host.count(":") == 1 else host)]
+    if not remote:
+        return
+    modes = _query_values(url, "sslmode")
+    if modes == ["verify-full"]:
+        return
+    given = f"sslmode={modes[-1]}" if modes else "no sslmode (libpq then tries TLS without verifying it)"
+    raise RmsdError(
+        f"database_url connects to PostgreSQL at {', '.join(remote)}, off the loopback interface, with {given}: "
+        "the database password and every row (the encrypted cluster keys among them) would cross the network "
+        "to whoever answers. Add sslmode=verify-full&sslrootcert=/path/to/ca.pem (the CA that issued the "
+        "database server's certificate) to database_url. Nothing was changed."
+    )
 
 
 def make_reader(engine: sa.Engine) -> sa.Engine:

@@ -1,17 +1,20 @@
 """A licensing cluster's side of enrollment: ask the root cluster (over HTTP) to certify the
 licensing cluster key, and check what comes back before anything is stored."""
 
+import time
 from dataclasses import dataclass, field
 
 import httpx
 from cryptography import x509
 
-from rmsd import pki
+from rmsd import pki, transport
 from rmsd.errors import RmsdError
 from rmsd.keys import ClusterKey
 from rmsd.schema import utcnow
 
 TIMEOUT = 30.0
+# A root cluster that is busy (429) says when to ask again: waited for this many times, each at most so long.
+BUSY_RETRIES, BUSY_WAIT_SECONDS = 5, 30
 
 
 @dataclass
@@ -28,14 +31,30 @@ class RootSlc:
         return pki.cert_key_id(self.cert)
 
 
+def check_url(url: str) -> None:
+    """RmsdError when `url` would carry the enrollment credential in clear, or let anyone on the way hand
+    this cluster a root SLC to trust: plain http is for a root cluster on this machine's loopback only."""
+    try:
+        transport.refuse_clear_url(url, "the enrollment credential, and the root SLC this cluster then trusts,",
+                                   "enrollment_url")
+    except RmsdError as err:
+        raise RmsdError(f"{err} Nothing was changed.") from None
+
+
 def _client(url: str, ca_path: str | None) -> httpx.Client:
     return httpx.Client(base_url=url.rstrip("/"), timeout=TIMEOUT, verify=ca_path or True)
 
 
 def _call(url: str, ca_path: str | None, method: str, path: str, body: dict | None = None) -> dict:
+    check_url(url)
     try:
         with _client(url, ca_path) as http:
             response = http.request(method, path, json=body)
+            for _ in range(BUSY_RETRIES):
+                if response.status_code != 429:
+                    break
+                time.sleep(_retry_after(response))
+                response = http.request(method, path, json=body)
     except httpx.HTTPError as err:
         raise RmsdError(
             f"cannot reach the root cluster at {url}: {type(err).__name__}: {err}. Check enrollment_url "
@@ -55,6 +74,13 @@ def _call(url: str, ca_path: str | None, method: str, path: str, body: dict | No
     return response.json()
 
 
+def _retry_after(response: httpx.Response) -> float:
+    try:
+        return min(max(float(response.headers.get("retry-after", "1")), 0.0), BUSY_WAIT_SECONDS)
+    except ValueError:
+        return 1.0
+
+
 def fetch_root_slc(url: str, ca_path: str | None) -> RootSlc:
     answer = _call(url, ca_path, "GET", "/slc")
     if answer.get("role") != "root":
@@ -68,10 +94,11 @@ def fetch_root_slc(url: str, ca_path: str | None) -> RootSlc:
 
 def enroll(
     url: str, ca_path: str | None, *, cluster: str, key: ClusterKey, intranet_url: str, extranet_url: str | None,
-    credential: str | None, expected_root: RootSlc, revoked_key_ids=(),
+    credential: str | None, expected_root: RootSlc, revocations: dict[str, str] | None = None,
 ) -> tuple[x509.Certificate, x509.Certificate]:
     """(licensing SLC, root SLC): the root cluster certifies `key` for licensing cluster `cluster`.
-    `revoked_key_ids`: this cluster's keys revoked as compromised, which the root never certifies again."""
+    `revocations`: this cluster's keys revoked as compromised (which the root never certifies again), each
+    with its revocation statement (rmsd.revocation)."""
     if not credential:
         raise RmsdError(
             f"licensing cluster {cluster!r} must enroll with the root cluster at {url}, which needs an "
@@ -84,7 +111,8 @@ def enroll(
         "intranet_url": intranet_url,
         "extranet_url": extranet_url,
         "credential": credential,
-        "revoked_key_ids": list(revoked_key_ids),
+        "revoked_key_ids": sorted(revocations or {}),
+        "revocations": [statement for _key_id, statement in sorted((revocations or {}).items())],
     }
     answer = _call(url, ca_path, "POST", "/enrollment", body)
     try:

@@ -28,3 +28,12 @@ class RevokedError(RmsdError):
 class KeyUnavailableError(RmsdError):
     """A cluster key's private half cannot be used: its token object is gone or may no longer sign or
     decrypt, as when a rotation settles a compromised key in the token."""
+
+
+class TooManyRequestsError(RmsdError):
+    """The caller asked for more than a node does for anyone before authentication; it may try again after
+    `retry_after` seconds. Nothing was done."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after

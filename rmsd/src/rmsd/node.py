@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from joserfc.jwk import RSAKey
 
-from rmsd import caches, clusters, db, keys, licenses, pki
+from rmsd import caches, clusters, db, keys, licenses, pki, revocation, throttle
 from rmsd.config import NodeConfig, load_secrets
 from rmsd.errors import (
     AuthenticationError,
@@ -35,6 +35,10 @@ ACTIVE_KEY_TTL = 5.0  # seconds a node trusts its view of the active key before 
 SNAPSHOT_SECONDS = 1.0  # how old the cluster state that anyone may ask for (health, SLC) may be
 # A PL has no expiry of its own; a verified one is kept at most this long (and while the LRU keeps it).
 PL_CACHE_SECONDS = 3600.0
+# Enrollment before authentication, per worker process: requests per client address (a burst, then one every
+# so many seconds), and credential checks at once (each holds scrypt's 16 MiB and a core for about 0.1 s).
+ENROLLMENT_BURST, ENROLLMENT_EVERY_SECONDS = 10, 2.0
+ENROLLMENT_CHECKS_AT_ONCE = 2
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,9 @@ class Node:
         self._stop = threading.Event()
         self.racs = caches.VerifiedCache("rac")
         self.pls = caches.VerifiedCache("pl")
+        self.enrollment_sources = throttle.SourceLimiter(ENROLLMENT_BURST, ENROLLMENT_EVERY_SECONDS,
+                                                         "enrollment requests")
+        self.credential_checks = throttle.Slots(ENROLLMENT_CHECKS_AT_ONCE, "enrollment credential checks")
 
     def cache_stats(self) -> list[str]:
         caches_ = [self.racs, self.pls] + ([self.verifier.tokens] if self.verifier else [])
@@ -242,36 +249,46 @@ class Node:
 
         return self._issuing(issue)
 
-    def enroll(self, cluster: str, credential: str, csr_pem: str, urls: list[str], revoked_key_ids=()) -> dict:
-        """Certify a licensing cluster's key with the root cluster's active key. `revoked_key_ids`:
-        keys of that licensing cluster it revoked as compromised; they are never certified again."""
+    def enroll(self, cluster: str, credential: str, csr_pem: str, urls: list[str], revoked_key_ids=(),
+               revocations=(), source: str = "") -> dict:
+        """Certify a licensing cluster's key with the root cluster's active key, for the holder of a usable
+        enrollment credential for that cluster; the enrollment spends the credential. What an anonymous
+        client can cost is bounded before the credential is checked: so many requests per client address
+        (`source`), so many credential checks at once in this process (429 beyond either).
+        `revoked_key_ids`: keys of that licensing cluster it revoked as compromised, each proven by its
+        revocation statement in `revocations` (rmsd.revocation); the root never certifies them again."""
         state = self.state()
         if state.row.role != "root":
             raise ForbiddenError("enrollment is done by the root cluster only")
         self._refuse_if_decommissioned(state, "enroll licensing clusters")
         if cluster == state.row.name:
             raise ForbiddenError("the root cluster cannot enroll itself")
+        # Authenticate before looking at the request; one message for every refusal, and the same work (one
+        # KDF run), so that neither tells anyone which scopes exist. The address pays for the KDF runs only:
+        # a request refused because every check is taken costs it nothing.
+        refused = "no valid enrollment credential for the cluster named (unknown, wrong, used or expired)"
         now = utcnow()
-        with self.engine.connect() as conn:
-            found = clusters.credential_row(conn, state.row.id, cluster)
-        # Authenticate before looking at the request; one message for every refusal, so it tells no
-        # one which scopes exist.
-        if found is None or not clusters.secret_matches(found, credential) or found.expires_at <= now:
-            raise AuthenticationError(
-                f"no valid enrollment credential for cluster {cluster!r} (unknown, wrong or expired)"
-            )
+        with self.credential_checks.held():
+            self.enrollment_sources.take(source)
+            with self.reader.connect() as conn:
+                found = clusters.credential_row(conn, state.row.id, cluster)
+            accepted = clusters.credential_accepts(found, credential, now)
+        if not accepted:
+            raise AuthenticationError(refused)
         csr = pki.load_csr(csr_pem)
         key_id = keys.key_id_of(csr.public_key())
+        revoked = _proven_revocations(cluster, revoked_key_ids, revocations)
 
         def issue(state, conn):
-            clusters.revoke_enrollments(conn, state.row.id, cluster, revoked_key_ids, now)
-            if key_id in revoked_key_ids or clusters.enrollment_revoked(conn, state.row.id, key_id):
+            if not clusters.claim_credential(conn, found.id, now):  # another request spent it meanwhile
+                raise AuthenticationError(refused)
+            clusters.revoke_enrollments(conn, state.row.id, cluster, revoked, now)
+            if key_id in revoked or clusters.enrollment_revoked(conn, state.row.id, key_id):
                 raise ForbiddenError(
                     f"cluster key {key_id} of licensing cluster {cluster} was revoked as compromised; it is never "
                     "enrolled again. Re-enrollment keeps the key: a compromised key needs a new key pair"
                 )
             slc = pki.issue_licensing_slc(state.active, pki.load_pem(state.slc_pem), cluster, csr, urls, now)
-            clusters.credential_used(conn, found.id, now)
             clusters.record_enrollment(conn, state.row.id, cluster, slc, state.active.key_id, now)
             return {"slc": pki.to_pem(slc), "chain": [state.slc_pem]}
 
@@ -412,6 +429,20 @@ class Node:
     def _refuse_if_decommissioned(state: ClusterState, what: str) -> None:
         if state.row.state != "provisioned":
             raise ForbiddenError(f"cluster {state.row.name} is {state.row.state}: it no longer may {what}")
+
+
+def _proven_revocations(cluster: str, claimed, statements) -> list[str]:
+    """The keys of licensing cluster `cluster` its revocation statements revoke; InvalidRequestError when it
+    claims a key revoked without the statement signed by that key."""
+    proven = {revocation.verify(statement, cluster) for statement in statements}
+    unproven = sorted(set(claimed) - proven)
+    if unproven:
+        raise InvalidRequestError(
+            f"revoked_key_ids names {', '.join(unproven)} without its revocation statement in revocations: the root "
+            "cluster takes a key's revocation only signed by that key (rmsd on the licensing cluster makes it when "
+            "it revokes the key). Nothing was changed."
+        )
+    return sorted(proven)
 
 
 def _check_republishing(conn, state: ClusterState, user: Principal, content_id: str, old_pl_id: str) -> None:

@@ -61,6 +61,8 @@ cluster_keys = sa.Table(
     sa.Column("status_changed_at", UTCDateTime, nullable=False),
     # The cluster whose trusted publishing domain brought this key in; NULL: generated here.
     sa.Column("imported_from", sa.String(64)),
+    # Revoked as compromised: the key's own signed statement of it, for the root cluster (rmsd.revocation).
+    sa.Column("revocation", sa.Text),
 )
 
 certificates = sa.Table(
@@ -153,6 +155,7 @@ enrollment_credentials = sa.Table(
     sa.Column("salt", sa.LargeBinary, nullable=False),
     sa.Column("expires_at", UTCDateTime, nullable=False),
     sa.Column("created_at", UTCDateTime, nullable=False),
+    # When it enrolled a licensing cluster: a credential is used once, then refused.
     sa.Column("last_used_at", UTCDateTime),
     sa.UniqueConstraint("cluster_id", "scope"),
 )

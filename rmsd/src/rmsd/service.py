@@ -44,6 +44,7 @@ from rmsd.errors import (
     NotFoundError,
     RevokedError,
     RmsdError,
+    TooManyRequestsError,
 )
 from rmsd.identity import Principal
 from rmsd.node import Node
@@ -193,10 +194,18 @@ def create_app(config: NodeConfig, heartbeat: bool = True) -> FastAPI:
     def licensing(body: LicensingRequest, principal: User):
         return node.license(principal, body.pl, body.rac)
 
-    @app.post("/enrollment", response_model=Enrollment, operation_id="enroll", **_docs("enroll"), tags=["enrollment"])
-    def enrollment(body: EnrollmentRequest):
+    @app.post("/enrollment", response_model=Enrollment, operation_id="enroll", **_docs("enroll"), tags=["enrollment"],
+              responses={429: {"model": Problem, "description": "too many enrollment requests; see Retry-After"}})
+    def enrollment(body: EnrollmentRequest, request: Request):
         urls = [u for u in (body.intranet_url, body.extranet_url) if u]
-        return node.enroll(body.cluster, body.credential, body.csr, urls, body.revoked_key_ids)
+        # The client's address: the peer, or what a trusted proxy says it is (uvicorn_proxy).
+        source = request.client.host if request.client else ""
+        try:
+            return node.enroll(body.cluster, body.credential, body.csr, urls, body.revoked_key_ids, body.revocations,
+                               source=source)
+        except TooManyRequestsError as err:
+            return limits.problem(429, str(err), kind="too-many-requests", request=request,
+                                  headers={"Retry-After": str(err.retry_after)}, error=type(err).__name__)
 
     return app
 
@@ -296,7 +305,8 @@ def _serve_worker(config: NodeConfig, tls: dict, sockets: list[socket.socket], r
     else:
         log.info("serving %s", config.url)
     server_config = uvicorn.Config(app, host=config.listen_address, port=config.port, log_level="info",
-                                   timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS, **uvicorn_limits(config), **tls)
+                                   timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS, **uvicorn_limits(config),
+                                   **uvicorn_proxy(config), **tls)
     server = stopping_server(server_config, app.state.stopping)
     server.run(sockets=sockets)
     if not server.started:  # the start-up failed, and uvicorn said why
@@ -481,3 +491,13 @@ def uvicorn_limits(config: NodeConfig) -> dict:
         "backlog": max_connections,
         "server_header": False,
     }
+
+
+def uvicorn_proxy(config: NodeConfig) -> dict:
+    """Whom the node believes about a client's address: X-Forwarded-For (and -Proto) only from a peer among
+    the node's trusted proxies (its load balancer), and from no one without them. uvicorn's own default
+    would believe any loopback peer (or $FORWARDED_ALLOW_IPS): on a host that also runs other software, any
+    local process could then pose as any client of the per-address limits."""
+    if not config.trusted_proxies:
+        return {"proxy_headers": False, "forwarded_allow_ips": []}
+    return {"proxy_headers": True, "forwarded_allow_ips": list(config.trusted_proxies)}

@@ -2,7 +2,7 @@
 
 import os
 
-from rmsd import clusters, db, passwords, pki
+from rmsd import clusters, db, passwords, pki, revocation
 from rmsd.admin.common import (
     Enrollment,
     Result,
@@ -166,17 +166,20 @@ def _update_cluster(store: Store, current, wanted, unlock: Unlock, enrollment: E
     after = dict(current, **changes)
     if not check_mode:
         slcs = None
+        statements: dict[str, str] = {}
         if "slc_issuer_key_id" in changes:
             with store.engine.connect() as conn:
                 row = clusters.get_cluster(conn, name)
                 key = unlock.open_active_key(conn, row)
-                revoked = clusters.compromised_key_ids(conn, row.id)
-            slcs = enrollment.enroll(name, wanted["intranet_url"], wanted["extranet_url"], key, root, revoked)
+                revoked = [k for k in clusters.keys_of(conn, row.id) if k.status == "compromised"]
+                statements, _unsigned = revocation.statements_for(revoked, unlock.open_key, name, utcnow())
+            slcs = enrollment.enroll(name, wanted["intranet_url"], wanted["extranet_url"], key, root, statements)
         with store.writing(name) as conn:
             row = clusters.get_cluster(conn, name)
             now = utcnow()
             if slcs is not None:
                 clusters.save_enrollment(conn, row.id, slcs[0], slcs[1], now)
+                clusters.save_revocations(conn, statements)
             if root is not None:
                 clusters.revoke_root_slcs(conn, row.id, root.revoked_key_ids, now)
             columns = {k: changes[k] for k in ("state", "intranet_url", "extranet_url") if k in changes}

@@ -3,7 +3,7 @@ licensing cluster's SLC renewed; what becomes of a compromised key in a PKCS#11 
 
 from typing import Any
 
-from rmsd import clusters, failpoints, passwords, rotation
+from rmsd import clusters, failpoints, passwords, revocation, rotation
 from rmsd.admin.common import Enrollment, Result, Unlock, check_name, check_url, token_settings
 from rmsd.admin.store import Store, opened
 from rmsd.errors import RmsdError
@@ -169,11 +169,18 @@ def _rotate(store: Store, row, desired, plan, unlock: Unlock, key_size, enrollme
     new_key = new_provider.generate(key_size) if plan.replace else None
     failpoints.reach("rotation.generated")
     slcs = None
-    if enrollment is not None:
+    statements: dict[str, str] = {}
+    if row.role == "licensing":
+        # Each key revoked signs its revocation statement now, while it still can (a token may destroy it once
+        # the rotation is committed); kept with the key, the root cluster gets it at this and every enrollment.
         with store.engine.connect() as conn:
-            revoked = sorted(set(clusters.compromised_key_ids(conn, row.id)) | set(plan.compromise))
-            key = new_key.cluster_key() if new_key else old_provider.load(clusters.active_key_row(conn, row.id))
-        slcs = enrollment.enroll(row.name, row.intranet_url, row.extranet_url, key, revoked_key_ids=revoked)
+            revoking = [k for k in clusters.keys_of(conn, row.id)
+                        if k.status == "compromised" or k.id in plan.compromise]
+            statements, _unsigned = revocation.statements_for(revoking, old_provider.load, row.name, utcnow())
+            if enrollment is not None:
+                key = new_key.cluster_key() if new_key else old_provider.load(clusters.active_key_row(conn, row.id))
+    if enrollment is not None:
+        slcs = enrollment.enroll(row.name, row.intranet_url, row.extranet_url, key, revocations=statements)
         failpoints.reach("rotation.enrolled")
     with store.writing(row.name) as conn:
         failpoints.reach("rotation.locked")
@@ -191,6 +198,7 @@ def _rotate(store: Store, row, desired, plan, unlock: Unlock, key_size, enrollme
         rotated = plan.rotation(keys, new_key.key_id if new_key else None)
         rotation.apply(conn, row, keys, plan, old_provider=old_provider, new_provider=new_provider, new_key=new_key,
                        slcs=slcs, now=utcnow())
+        clusters.save_revocations(conn, statements)
         keys = clusters.keys_of(conn, row.id)
     failpoints.reach("rotation.committed")
     return keys, plan, rotated

@@ -87,6 +87,16 @@ class Unlock:
         password = self.previous_key_password if previous else self.key_password
         return provider_for(protection, key_password=password, token=self.token)
 
+    def open_key(self, key_row) -> ClusterKey:
+        """Open one of the cluster's stored keys (RmsdError otherwise); while the password changes, the
+        previous one may open it instead."""
+        try:
+            return self.provider(key_row.protection).load(key_row)
+        except RmsdError:
+            if not self.previous_key_password:
+                raise
+            return self.provider(key_row.protection, previous=True).load(key_row)
+
     def open_active_key(self, conn, row) -> ClusterKey:
         """Prove this opens the cluster's active key (RmsdError otherwise). While the password changes,
         the previous one may open it instead."""
@@ -126,11 +136,16 @@ class Enrollment:
     ca_path: str | None = None
     credential: str | None = field(default=None, repr=False)
 
+    def __post_init__(self):
+        if self.url:  # refused before anything is done, in check mode too
+            enrollment_lib.check_url(self.url)
+
     def fetch_root(self):
         return enrollment_lib.fetch_root_slc(self.url, self.ca_path)
 
-    def enroll(self, cluster: str, intranet_url, extranet_url, key: ClusterKey, root=None, revoked_key_ids=()):
-        """(the licensing cluster's SLC, the root SLC), issued by the root cluster for `key`."""
+    def enroll(self, cluster: str, intranet_url, extranet_url, key: ClusterKey, root=None, revocations=None):
+        """(the licensing cluster's SLC, the root SLC), issued by the root cluster for `key`; `revocations`: the
+        cluster's revoked keys with their revocation statements."""
         if self.url is None:
             raise RmsdError(f"licensing cluster {cluster!r} enrolls with the root cluster: enrollment_url is required. "
                             "Nothing was changed.")
@@ -139,5 +154,5 @@ class Enrollment:
             raise RmsdError(f"root cluster {root.cluster!r} is {root.state}; it enrolls no licensing clusters")
         return enrollment_lib.enroll(
             self.url, self.ca_path, cluster=cluster, key=key, intranet_url=intranet_url, extranet_url=extranet_url,
-            credential=self.credential, expected_root=root, revoked_key_ids=revoked_key_ids,
+            credential=self.credential, expected_root=root, revocations=revocations,
         )

@@ -1,4 +1,4 @@
-"""Enrollment credentials on the root cluster: the secret a licensing cluster enrolls with, for a while."""
+"""Enrollment credentials on the root cluster: the secret a licensing cluster enrolls with, once, for a while."""
 
 from datetime import timedelta
 
@@ -16,9 +16,9 @@ def ensure_enrollment_credential(
     *, cluster, scope, database_url, database_password=None, secret=None, valid_for=900, state="present",
     check_mode=False,
 ) -> Result:
-    """On the root cluster: let licensing cluster `scope` enroll with `secret` for `valid_for` seconds.
-    Only a salted scrypt hash of the secret is stored. present: unchanged while a credential for
-    `scope` with this secret is still valid; otherwise a fresh one replaces it."""
+    """On the root cluster: let licensing cluster `scope` enroll once with `secret` within `valid_for` seconds.
+    Only a salted scrypt hash of the secret is stored. present: unchanged while a credential for `scope`
+    with this secret is still usable (not expired, not yet used to enroll); otherwise a fresh one replaces it."""
     check_name("cluster", cluster)
     check_name("scope", scope)
     check_state(state, ("present", "absent"))
@@ -40,7 +40,7 @@ def ensure_enrollment_credential(
             if cred is None:
                 return {}
             return {
-                "scope": scope, "expires_at": cred.expires_at,
+                "scope": scope, "expires_at": cred.expires_at, "used": cred.last_used_at is not None,
                 "matches": bool(secret) and clusters.secret_matches(cred, secret),
             }
 
@@ -48,7 +48,7 @@ def ensure_enrollment_credential(
         if found is None:
             raise store.missing(cluster, "provision it first", kind="root cluster")
         now = utcnow()
-        before = {"scope": scope, "expires_at": found["expires_at"].isoformat()} if found else {}
+        before = {"scope": scope, "expires_at": found["expires_at"].isoformat(), "used": found["used"]} if found else {}
         if state == "absent":
             if not found:
                 return Result(changed=False, facts={"credential": {}})
@@ -56,10 +56,10 @@ def ensure_enrollment_credential(
                 with store.writing(cluster) as conn:
                     clusters.delete_credential(conn, clusters.get_cluster(conn, cluster).id, scope)
             return Result(changed=True, diff={"before": before, "after": {}}, facts={"credential": {}})
-        if found and found["matches"] and found["expires_at"] > now:
+        if found and found["matches"] and found["expires_at"] > now and not found["used"]:
             return Result(changed=False, facts={"credential": before})
         expires_at = now + timedelta(seconds=int(valid_for))
-        after = {"scope": scope, "expires_at": expires_at.isoformat()}
+        after = {"scope": scope, "expires_at": expires_at.isoformat(), "used": False}
         if not check_mode:
             with store.writing(cluster) as conn:
                 row = clusters.get_cluster(conn, cluster)

@@ -17,6 +17,7 @@ from rmsd.config import (
     check_http_limits,
     check_tls_paths,
     check_tls_validity,
+    check_trusted_proxies,
     check_workers,
     load_tls_files,
     read_text_or_none,
@@ -34,14 +35,15 @@ def ensure_server(
     *, cluster, name, database_url, database_password=None, key_password=None, previous_key_password=None,
     listen_address="127.0.0.1", port=8080, config_path, secret_path, identity_issuer=None, identity_audience="rmsd",
     identity_jwks_uri=None, pkcs11=None, tls_certificate=None, tls_key=None, http_limits=None, workers=None,
-    state="present", check_mode=False,
+    trusted_proxies=None, state="present", check_mode=False,
 ) -> Result:
     """A node of `cluster`: registered, with its configuration file and its 0600 secret file. A node of
     a pkcs11 cluster gets the token (`pkcs11`: module, token_label, pin; the PIN goes to the secret file).
     With `tls_certificate` and `tls_key` (paths of PEM files already on the node) it serves HTTPS.
     `http_limits`: rmsd.config.HTTP_LIMITS to set (the others keep their defaults). `workers`: worker
     processes (None or 0: one per core of the host). The node's instance id is made when its configuration
-    file is first written and kept by every rewrite."""
+    file is first written and kept by every rewrite. `trusted_proxies`: addresses, networks or host names of
+    the load balancers whose X-Forwarded-For the node believes."""
     check_name("cluster", cluster)
     check_name("server name", name)
     check_absolute("config_path", config_path)
@@ -61,6 +63,7 @@ def ensure_server(
             check_jwks_uri(identity_jwks_uri)
         chosen_limits = check_http_limits(http_limits)
         workers = check_workers(workers)
+        proxies = check_trusted_proxies(trusted_proxies)
         warnings = _check_tls_files(tls_certificate, tls_key, check_mode) if tls_certificate else []
         token = TokenSettings.from_options(pkcs11)
         config = NodeConfig(
@@ -68,7 +71,8 @@ def ensure_server(
             secret_path=secret_path, identity_issuer=identity_issuer, identity_audience=identity_audience,
             identity_jwks_uri=identity_jwks_uri, pkcs11_module=token.module if token else None,
             pkcs11_token_label=token.token_label if token else None, tls_certificate=tls_certificate or None,
-            tls_key=tls_key or None, workers=workers, instance_id=_instance_id(config_path), **chosen_limits,
+            tls_key=tls_key or None, workers=workers, instance_id=_instance_id(config_path), trusted_proxies=proxies,
+            **chosen_limits,
         )
         secrets = Secrets(key_password=key_password, previous_key_password=previous_key_password or None,
                           database_password=database_password, pkcs11_pin=token.pin if token else None)
