@@ -75,9 +75,10 @@ def compromised(tmp_path):
     admin.ensure_cluster_key(cluster="c1", key_password=KEY_PASSWORD, compromised_keys=[old_key],
                              **node.database.admin_args())
     client.certify(people["dave"])
-    client.publish(people["dave"], "fresh", encrypt_content(b"y")[0], {"dave@example.com": ["VIEW"]})
+    fresh = client.publish(people["dave"], "fresh", encrypt_content(b"y")[0], {"dave@example.com": ["VIEW"]})
     try:
-        yield {"node": node, "client": client, "people": people, "pls": pls, "old_key": old_key}
+        yield {"node": node, "client": client, "people": people, "pls": pls, "old_key": old_key,
+               "new_key": fresh["key_id"]}
     finally:
         gen.close()
 
@@ -153,7 +154,7 @@ def test_check_mode_foresees_the_report_and_notices_of_a_key_about_to_be_declare
     assert report(compromised, tmp_path, **smtp_args).changed
     files = {p.name: p.read_bytes() for p in (tmp_path / "report").iterdir()}
     told = len(inbox.messages)
-    active = compromised["client"].slc()["key_id"]  # dave's "fresh" is under it
+    active = compromised["new_key"]  # dave's "fresh" is under it
 
     # A real run reads the keys' status: a key only expected changes nothing.
     real = report(compromised, tmp_path, expected_compromised_keys=[active], **smtp_args)
