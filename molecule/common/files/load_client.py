@@ -36,6 +36,9 @@ from rmsd import pki
 
 POLICY = "a new TLS connection per request, no retries"
 REQUEST_TIMEOUT = 60.0  # seconds
+# A node answers GET /slc from its view of the cluster, read at most once a second: how long the answer may lag a
+# revocation another node already acts on (with room for a busy machine).
+SLC_LAG_SECONDS = 5.0
 
 
 class Load:
@@ -73,7 +76,7 @@ class Load:
             self.count(f"{method} {path}: {type(err).__name__}: {err}")
             return None
         relied_on = (revoked_if or {}).get(response.status_code)
-        if relied_on and relied_on in self.revoked_key_ids(http):
+        if relied_on and self.revoked(http, relied_on):
             with self.lock:
                 self.requests += 1
                 self.refused_revoked += 1
@@ -91,6 +94,18 @@ class Load:
             while not stop.is_set():
                 self.request(http, "POST", "/licensing", json={"pl": pl, "rac": user.rac_pem}, headers=headers)
                 self.request(http, "GET", "/health")
+
+    def revoked(self, http: httpx.Client, key_id: str) -> bool:
+        """Whether the cluster says `key_id` is revoked. GET /slc may lag the revocation a node just acted on
+        by up to about a second (a node serves it from its view of the cluster, read at most once a second):
+        asked again until it says so, for up to SLC_LAG_SECONDS."""
+        deadline = time.monotonic() + SLC_LAG_SECONDS
+        while True:
+            if key_id in self.revoked_key_ids(http):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
 
     @staticmethod
     def revoked_key_ids(http: httpx.Client) -> list[str]:
@@ -122,7 +137,7 @@ class Load:
                 if published is not None:
                     licensed = self.request(http, "POST", "/licensing", json={"pl": published["pl"], "rac": user.rac_pem},
                                             headers=headers, revoked_if={410: published["key_id"], 403: rac_key})
-                    if licensed is None and rac_key in self.revoked_key_ids(http):
+                    if licensed is None and self.revoked(http, rac_key):
                         rac = None  # the RAC's root key was revoked: get a new RAC
                 self.request(http, "GET", "/health")
 
