@@ -1,12 +1,14 @@
 """Find a canary that must never be seen: every secret of the scenario starts with the same marker, so a
 search for the marker finds any of them wherever it leaked, without the search itself holding a secret.
 
-  secrets_canary.py --marker MARKER [--allow PATH]... [--since EPOCH] PATH...
+  secrets_canary.py --marker-hex HEX [--allow PATH]... [--since EPOCH] [--journal] PATH...
 
-Searches every regular file under each PATH (files and folders; symlinks are not followed; /proc, /sys and
+The marker is given in hexadecimal, so that the search's own command line (which sudo logs, for one) does not
+put the marker where it is searched for. Searches every regular file under each PATH (files and folders; symlinks are not followed; /proc, /sys and
 /dev are never entered) for MARKER, and prints one line per file that holds it: the path, and how many
 times. Files under an --allow path are meant to hold secrets (a node's 0600 secret file, the controller's
 vault of the scenario) and are listed apart, with their mode. With --since, only files changed since then.
+With --journal, also the systemd journal's messages (journalctl), counted as the leak "journal".
 Standard library only (it runs on the managed hosts' python3).
 
 stdout: one JSON object {"leaks": [{"path", "count"}], "allowed": [{"path", "mode"}], "files": N, "bytes": N}.
@@ -17,6 +19,7 @@ import argparse
 import json
 import os
 import stat
+import subprocess
 import sys
 
 SKIP = ("/proc", "/sys", "/dev")
@@ -65,12 +68,13 @@ def files_under(root: str):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--marker", required=True)
+    parser.add_argument("--marker-hex", required=True)
     parser.add_argument("--allow", action="append", default=[])
     parser.add_argument("--since", type=float, default=None)
+    parser.add_argument("--journal", action="store_true")
     parser.add_argument("paths", nargs="+")
     args = parser.parse_args()
-    marker = args.marker.encode()
+    marker = bytes.fromhex(args.marker_hex)
     allowed_roots = [os.path.abspath(p) for p in args.allow]
     leaks, allowed = [], []
     files = total = 0
@@ -90,6 +94,10 @@ def main() -> int:
                 allowed.append({"path": path, "mode": oct(st.st_mode & 0o7777)})
             else:
                 leaks.append({"path": path, "count": found})
+    if args.journal:
+        messages = subprocess.run(["journalctl", "--no-pager", "--output=cat"], capture_output=True, check=True).stdout
+        if messages.count(marker):
+            leaks.append({"path": "journal", "count": messages.count(marker)})
     print(json.dumps({"leaks": leaks, "allowed": allowed, "files": files, "bytes": total}, sort_keys=True))
     return 1 if leaks else 0
 
