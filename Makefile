@@ -148,9 +148,18 @@ molecule: venv collection
 # the demo under systemd when root on a systemd machine: that unit goes too, when it is this checkout's.
 LEGACY_DEMO_UNIT := /etc/systemd/system/rmsd-rms-demo.service
 
+# supervisorctl shutdown returns at once; supervisord exits after rmsd has drained and stopped (its
+# stopwaitsecs is 15): clean waits for that exit, 30 s at most, so no node outlives its folder.
 clean:
 	for conf in .demo/nodes/*/supervisord.conf; do \
-		if [ -e "$$conf" ]; then .demo/venv/bin/supervisorctl -c "$$conf" shutdown || true; fi; \
+		if [ -e "$$conf" ]; then \
+			pid=$$(cat "$$(dirname "$$conf")/supervisord.pid" 2>/dev/null || true); \
+			.demo/venv/bin/supervisorctl -c "$$conf" shutdown || true; \
+			for _ in $$(seq 150); do \
+				if [ -z "$$pid" ] || ! kill -0 "$$pid" 2>/dev/null; then pid=; break; fi; sleep 0.2; \
+			done; \
+			if [ -n "$$pid" ]; then echo "supervisord (pid $$pid, $$conf) is still running after 30 s: stop it, then run make clean again"; exit 1; fi; \
+		fi; \
 	done
 	if [ -w $(dir $(LEGACY_DEMO_UNIT)) ] && grep -qF '$(CURDIR)/.demo/' $(LEGACY_DEMO_UNIT) 2>/dev/null; then \
 		systemctl disable --now $(notdir $(LEGACY_DEMO_UNIT)) && rm -f $(LEGACY_DEMO_UNIT) && systemctl daemon-reload; \
