@@ -85,24 +85,23 @@ class PostgresServer:
             raise RuntimeError(f"createdb {name} failed:\n{proc.stdout}{proc.stderr}")
         return self.url_for(name)
 
-    def _run(self, *args: str) -> None:
+    def _run(self, *args: str, env: dict | None = None) -> None:
         cmd = [str(self.bindir / args[0]), *args[1:]]
         if self.as_root:
             cmd = ["runuser", "-u", RUN_AS, "--", *cmd]
-        proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True,
+                              env=None if env is None else dict(os.environ, **env))
         if proc.returncode:
             raise RuntimeError(f"{args[0]} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
 
     def start(self) -> PostgresServer:
-        self.base_dir.mkdir(parents=True, exist_ok=True)
-        if self.as_root:
-            # mkdtemp makes a 0700 directory; the server user must own it.
-            pw = pwd.getpwnam(RUN_AS)
-            os.chown(self.base_dir, pw.pw_uid, pw.pw_gid)
+        # mkdtemp makes a 0700 directory; as root, the server user must own it.
+        self._prepare_base_dir()
         pwfile = self.base_dir / "pwfile"
         pwfile.write_text(self.password + "\n")
         pwfile.chmod(0o600)
         if self.as_root:
+            pw = pwd.getpwnam(RUN_AS)
             os.chown(pwfile, pw.pw_uid, pw.pw_gid)
         try:
             self._run("initdb", "-D", str(self.data_dir), "-U", USER, f"--pwfile={pwfile}",
@@ -110,11 +109,38 @@ class PostgresServer:
                       "--no-sync", "--no-instructions")
         finally:
             pwfile.unlink()
+        return self._start_server()
+
+    def _prepare_base_dir(self) -> None:
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        if self.as_root:
+            pw = pwd.getpwnam(RUN_AS)
+            os.chown(self.base_dir, pw.pw_uid, pw.pw_gid)
+
+    def _start_server(self) -> PostgresServer:
         options = (f"-c listen_addresses=127.0.0.1 -p {self.port} "
                    f"-c unix_socket_directories={self.base_dir} -c fsync=off")
         self._run("pg_ctl", "-D", str(self.data_dir), "-l", str(self.base_dir / "server.log"),
                   "-o", options, "-w", "-t", "60", "start")
         return self
+
+    def start_standby(self) -> PostgresServer:
+        """A streaming standby of this server (pg_basebackup -R: it replays this server's WAL and accepts only
+        reads), started on a port of its own, with the same user and password. promote() makes it a primary."""
+        standby = PostgresServer()
+        standby.password = self.password
+        standby._prepare_base_dir()
+        self._run("pg_basebackup", "-D", str(standby.data_dir), "-R", "-X", "stream", "-c", "fast",
+                  "-d", f"host=127.0.0.1 port={self.port} user={USER} application_name=standby",
+                  env={"PGPASSWORD": self.password})
+        return standby._start_server()
+
+    def promote(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data_dir), "-w", "-t", "60", "promote")
+
+    def crash(self) -> None:
+        """Stop at once, as a host that dies would (no checkpoint, clients cut off); the files stay."""
+        self._run("pg_ctl", "-D", str(self.data_dir), "-m", "immediate", "-w", "stop")
 
     def stop(self) -> None:
         if (self.data_dir / "postmaster.pid").exists():

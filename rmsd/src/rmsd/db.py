@@ -2,8 +2,9 @@
 
 import os
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import sqlalchemy as sa
 
@@ -14,6 +15,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+T = TypeVar("T")
 
 
 # The newest migration under migrations/versions. Every module run compares the database with it, so it
@@ -143,6 +145,50 @@ def prepare_sqlite_file(engine: sa.Engine) -> None:
 def database_exists(engine: sa.Engine) -> bool:
     path = sqlite_path(engine)
     return path.exists() if path is not None else True
+
+
+# A failover (the primary stopped, a standby promoted) breaks every connection to the old primary. The pool
+# tests a connection before lending it (pool_pre_ping) and, on the first broken one, drops all it holds; the
+# next connection goes to whichever host of a libpq multi-host URL accepts writes (target_session_attrs=
+# read-write). A connection can still break between that test and a statement: read() and write() then run
+# the work once more on a new connection, where that is safe.
+
+
+def dropped(err: BaseException) -> bool:
+    """The connection broke (the server went away or ended the session), as opposed to a statement's error."""
+    return isinstance(err, sa.exc.DBAPIError) and err.connection_invalidated
+
+
+def read(engine: sa.Engine, work: Callable[[sa.Connection], T]) -> T:
+    """work(conn) on a connection of `engine`; once more on a new connection if the first one broke. For work
+    that only reads: sending it again changes nothing."""
+    try:
+        with engine.connect() as conn:
+            return work(conn)
+    except sa.exc.DBAPIError as err:
+        if not err.connection_invalidated:
+            raise
+    with engine.connect() as conn:
+        return work(conn)
+
+
+def write(engine: sa.Engine, work: Callable[[sa.Connection], T]) -> T:
+    """work(conn) in one transaction, committed. When the connection breaks before COMMIT is sent, the server
+    has rolled the transaction back (nothing of it was written): it runs once more on a new connection. When
+    it breaks during COMMIT, whether the transaction committed is unknown: the error goes to the caller (a
+    request then gets 503, and its client decides whether to send it again)."""
+    for attempt in (1, 2):
+        with engine.connect() as conn:
+            transaction = conn.begin()
+            try:
+                result = work(conn)
+            except sa.exc.DBAPIError as err:
+                if attempt == 1 and err.connection_invalidated:
+                    continue
+                raise
+            transaction.commit()
+            return result
+    raise AssertionError("unreachable: the second attempt returns or raises")
 
 
 def lock(conn: sa.Connection, name: str) -> None:

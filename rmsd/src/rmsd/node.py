@@ -151,23 +151,26 @@ class Node:
             return self._state
 
     def _read_state(self) -> ClusterState:
-        with self.engine.connect() as conn:
-            row = clusters.get_cluster(conn, self.config.cluster)
-            if row is None:
-                raise RmsdError(f"cluster {self.config.cluster!r} is not in the configuration database")
-            # One read of the keys: with two, a rotation committed between them would show the
-            # active key of the first as compromised in the second.
-            key_rows = clusters.keys_of(conn, row.id)
-            key_row = clusters.active_among(key_rows)
-            revoked = clusters.compromised_among(key_rows)
-            for key_id in revoked:  # never again used by this process
-                self._keys.pop(key_id, None)
-            active = self._key_of(key_row)
-            slc = clusters.current_slc_row(conn, row.id, key_row.id)
-            chain = [slc.pem]
-            if row.role == "licensing":
-                chain.append(clusters.root_slc_row(conn, row.id, slc.issuer_key_id).pem)
-            trusted = [(pki.cert_key_id(slc), slc) for slc in clusters.trust_anchors(conn, row)]
+        return db.read(self.engine, self._read_state_on)
+
+    def _read_state_on(self, conn: sa.Connection) -> ClusterState:
+        """One read of the cluster (db.read sends it once more on a new connection if this one breaks)."""
+        row = clusters.get_cluster(conn, self.config.cluster)
+        if row is None:
+            raise RmsdError(f"cluster {self.config.cluster!r} is not in the configuration database")
+        # One read of the keys: with two, a rotation committed between them would show the
+        # active key of the first as compromised in the second.
+        key_rows = clusters.keys_of(conn, row.id)
+        key_row = clusters.active_among(key_rows)
+        revoked = clusters.compromised_among(key_rows)
+        for key_id in revoked:  # never again used by this process
+            self._keys.pop(key_id, None)
+        active = self._key_of(key_row)
+        slc = clusters.current_slc_row(conn, row.id, key_row.id)
+        chain = [slc.pem]
+        if row.role == "licensing":
+            chain.append(clusters.root_slc_row(conn, row.id, slc.issuer_key_id).pem)
+        trusted = [(pki.cert_key_id(slc), slc) for slc in clusters.trust_anchors(conn, row)]
         return ClusterState(row, active, slc.pem, chain, trusted, revoked)
 
     def snapshot(self) -> ClusterState:
@@ -199,11 +202,16 @@ class Node:
         """Run `issue(state, conn)` in a write transaction that holds the active key as active, so
         nothing is signed with a key a rotation has just retired; after a rotation this node had not
         seen yet, read the cluster again and issue with the new key."""
+        retired = object()  # what the transaction answers when the key it read is no longer active
         for refresh in (False, True):
             state = self.state(refresh=refresh)
-            with self.engine.begin() as conn:
-                if clusters.lock_active_key(conn, state.active.key_id):
-                    return issue(state, conn)
+
+            def issue_if_active(conn, state=state):
+                return issue(state, conn) if clusters.lock_active_key(conn, state.active.key_id) else retired
+
+            issued = db.write(self.engine, issue_if_active)
+            if issued is not retired:
+                return issued
         raise RmsdError("the cluster key changed while this request was served; send it again")
 
     def heartbeat_loop(self) -> None:
@@ -270,8 +278,7 @@ class Node:
         now = utcnow()
         with self.credential_checks.held():
             self.enrollment_sources.take(source)
-            with self.reader.connect() as conn:
-                found = clusters.credential_row(conn, state.row.id, cluster)
+            found = db.read(self.reader, lambda conn: clusters.credential_row(conn, state.row.id, cluster))
             accepted = clusters.credential_accepts(found, credential, now)
         if not accepted:
             raise AuthenticationError(refused)
@@ -308,8 +315,7 @@ class Node:
         if len(content_key) != 32:
             raise InvalidRequestError("content_key must be 32 bytes (AES-256), base64url encoded")
         if template is not None:
-            with self.engine.connect() as conn:
-                found = clusters.template_row(conn, state.row.id, template)
+            found = db.read(self.engine, lambda conn: clusters.template_row(conn, state.row.id, template))
             if found is None:
                 raise NotFoundError(f"cluster {state.row.name} has no rights policy template {template!r}")
             rights = _merge_rights(found.rights, rights)
@@ -348,12 +354,15 @@ class Node:
         key_id = pl.claims["key_id"]
         # Everything a revocation or rotation changes is read here, on every request, in one round trip:
         # the PL's key (compromised?), the key this node signs with (still active?), the RAC's root SLC.
-        with self.reader.connect() as conn:
+        def checks(conn):
             statuses, rac_trusted = clusters.license_checks(
                 conn, state.row.id, state.row.role, {key_id, state.active.key_id}, rac.issuer_key_id)
             if statuses.get(key_id) == "compromised":
                 raise RevokedError(_revoked_content_message(clusters.content_row(conn, pl.claims["pl_id"]),
                                                             clusters.key_row(conn, key_id)))
+            return statuses, rac_trusted
+
+        statuses, rac_trusted = db.read(self.reader, checks)
         if statuses.get(state.active.key_id) != "active":  # a rotation retired it since this node read the cluster
             state = self.state(refresh=True)
         if not rac_trusted:
@@ -371,8 +380,7 @@ class Node:
         found = self._keys.get(key_id)
         if found is not None:
             return found
-        with self.engine.connect() as conn:
-            return self.load_key(conn, key_id)
+        return db.read(self.engine, lambda conn: self.load_key(conn, key_id))
 
     def _verified_pl(self, state: ClusterState, pl_token: str) -> "VerifiedPl":
         """A PL of this cluster with a valid signature and in the content registry: checked once per PL
@@ -383,7 +391,8 @@ class Node:
         if found is not None:
             return found
         key_id = licenses.header_of(pl_token).get("kid")
-        with self.engine.connect() as conn:
+
+        def check(conn):
             key_row = clusters.key_row(conn, key_id) if isinstance(key_id, str) else None
             if key_row is None or key_row.cluster_id != state.row.id:
                 raise InvalidRequestError("the publishing license was not issued by this cluster")
@@ -396,6 +405,9 @@ class Node:
                 raise InvalidRequestError("the publishing license wraps its content key to another key than its signer")
             if key_row.status == "compromised":
                 raise RevokedError(_revoked_content_message(recorded, key_row))
+            return claims
+
+        claims = db.read(self.engine, check)
         verified = VerifiedPl(claims)
         self.pls.put(digest, verified, time.time() + PL_CACHE_SECONDS)
         return verified

@@ -1,0 +1,285 @@
+"""A configuration database that fails over, without Patroni: a real PostgreSQL primary and a streaming standby
+(pg_basebackup, synchronous: a commit the primary acknowledged is on both), the primary crashed, the standby
+promoted. The node's database URL names both hosts (libpq multi-host, target_session_attrs=read-write): it
+finds the new primary by itself, with no restart. db.read and db.write send work once more on a new
+connection when the one they had broke, where that is safe."""
+
+import collections
+import threading
+import uuid
+
+import httpx
+import psycopg
+import pytest
+import sqlalchemy as sa
+from conftest import Database, configure_node, eventually, make_issuer, pgserver, provision, start_node, stop_node
+
+from rmsd import db, demo_issuer
+from rmsd.client import RmsClient, ServiceError, User, b64url, decrypt_content, encrypt_content, open_use_license
+
+DOCUMENT = b"Quarterly figures, before the failover."
+
+
+def _sql(server, statement: str, database: str = "postgres"):
+    with psycopg.connect(host="127.0.0.1", port=server.port, user=pgserver.USER, password=server.password,
+                         dbname=database, autocommit=True) as conn:
+        cursor = conn.execute(statement)
+        return cursor.fetchall() if cursor.description is not None else None
+
+
+@pytest.fixture
+def pair():
+    """A primary and its synchronous standby; the database `config` made on the primary, replicated."""
+    primary = pgserver.PostgresServer().start()
+    standby = None
+    try:
+        standby = primary.start_standby()
+        _sql(primary, "ALTER SYSTEM SET synchronous_standby_names = 'standby'")
+        _sql(primary, "SELECT pg_reload_conf()")
+
+        def synchronous():
+            assert _sql(primary, "SELECT sync_state FROM pg_stat_replication") == [("sync",)]
+
+        eventually(synchronous)
+        primary.create_database("config")
+        yield primary, standby
+    finally:
+        if standby is not None:
+            standby.stop()
+        primary.stop()
+
+
+def both_hosts(primary, standby) -> Database:
+    url = (f"postgresql://{pgserver.USER}@/config?host=127.0.0.1:{primary.port}&host=127.0.0.1:{standby.port}"
+           "&target_session_attrs=read-write")
+    return Database("postgresql", url, primary.password)
+
+
+# --- db.read and db.write, each against a real PostgreSQL ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine():
+    with pgserver.PostgresServer() as server:
+        url = server.create_database("retries").replace("postgresql+psycopg://", "postgresql://")
+        engine = db.make_engine(url, server.password)
+        with engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE written (id text PRIMARY KEY)"))
+            # Ends its own session when a row 'cut at commit' is committed: the connection breaks during COMMIT.
+            conn.execute(sa.text("""
+                CREATE FUNCTION cut() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN
+                    IF NEW.id LIKE 'cut at commit%' THEN PERFORM pg_terminate_backend(pg_backend_pid()); END IF;
+                    RETURN NEW;
+                END $$"""))
+            conn.execute(sa.text("CREATE CONSTRAINT TRIGGER cut AFTER INSERT ON written DEFERRABLE INITIALLY DEFERRED"
+                                 " FOR EACH ROW EXECUTE FUNCTION cut()"))
+        yield engine
+        engine.dispose()
+
+
+def _cut_own_connection(conn: sa.Connection) -> None:
+    conn.execute(sa.text("SELECT pg_terminate_backend(pg_backend_pid())"))
+
+
+def _rows(engine, row_id: str) -> int:
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT count(*) FROM written WHERE id = :id"), {"id": row_id}).scalar()
+
+
+def test_a_read_whose_connection_breaks_is_sent_once_more(engine):
+    calls = []
+
+    def work(conn):
+        calls.append(1)
+        if len(calls) == 1:
+            _cut_own_connection(conn)
+        return conn.execute(sa.text("SELECT 42")).scalar()
+
+    assert db.read(engine, work) == 42
+    assert len(calls) == 2
+
+
+def test_a_read_is_sent_once_more_only(engine):
+    calls = []
+
+    def work(conn):
+        calls.append(1)
+        _cut_own_connection(conn)
+
+    with pytest.raises(sa.exc.DBAPIError) as raised:
+        db.read(engine, work)
+    assert db.dropped(raised.value) and len(calls) == 2
+
+
+def test_a_write_broken_before_commit_runs_once_more_and_is_written_once(engine):
+    row_id, calls = f"before commit {uuid.uuid4()}", []
+
+    def work(conn):
+        calls.append(1)
+        conn.execute(sa.text("INSERT INTO written (id) VALUES (:id)"), {"id": row_id})
+        if len(calls) == 1:
+            _cut_own_connection(conn)  # the server rolls the first try back
+        return "done"
+
+    assert db.write(engine, work) == "done"
+    assert len(calls) == 2
+    assert _rows(engine, row_id) == 1
+
+
+def test_a_write_broken_during_commit_is_not_sent_again(engine):
+    row_id, calls = f"cut at commit {uuid.uuid4()}", []
+
+    def work(conn):
+        calls.append(1)
+        conn.execute(sa.text("INSERT INTO written (id) VALUES (:id)"), {"id": row_id})
+
+    with pytest.raises(sa.exc.DBAPIError) as raised:
+        db.write(engine, work)
+    assert db.dropped(raised.value)
+    assert len(calls) == 1  # whether a COMMIT that broke took effect is unknown: never sent twice
+    assert _rows(engine, row_id) == 0  # here it did not (the trigger ran before the commit record)
+
+
+def test_an_error_of_the_statement_is_not_sent_again(engine):
+    row_id, calls = f"twice {uuid.uuid4()}", []
+
+    def work(conn):
+        calls.append(1)
+        conn.execute(sa.text("INSERT INTO written (id) VALUES (:id), (:id)"), {"id": row_id})
+
+    with pytest.raises(sa.exc.IntegrityError) as raised:
+        db.write(engine, work)
+    assert not db.dropped(raised.value) and len(calls) == 1
+    assert _rows(engine, row_id) == 0
+
+
+# --- a running node through a failover -------------------------------------------------------------------------
+
+
+def test_a_node_finds_the_promoted_standby_without_a_restart(pair, tmp_path):
+    primary, standby = pair
+    database = both_hosts(primary, standby)
+    provision(database)
+    issuer = make_issuer(tmp_path / "issuer")
+    _result, config_path, _secret = configure_node(database, tmp_path, issuer)
+    url, process = start_node(config_path, tmp_path / "serve.log")
+    try:
+        client = RmsClient(url)
+        owner = User.new("olga@example.com", demo_issuer_token(issuer, "olga@example.com"))
+        reader = User.new("rita@example.com", demo_issuer_token(issuer, "rita@example.com"))
+        for user in (owner, reader):
+            client.certify(user)
+        content_key, blob = encrypt_content(DOCUMENT)
+        published = [client.publish(owner, f"doc-{n}", content_key, {"rita@example.com": ["VIEW"]})
+                     for n in range(5)]
+        client.license(reader, published[0]["pl"])
+
+        primary.crash()
+        # No primary: writes (and, until licensing reads from a standby, licenses) are refused with 503 and
+        # Retry-After, never 500, each answered (the request's timeout is the bound).
+        answers = _answers_without_a_primary(url, owner, reader, published[0]["pl"], content_key)
+        assert answers and all(status == 503 and retry_after for _op, status, retry_after in answers), answers
+
+        standby.promote()
+
+        def writes_again():
+            try:
+                return client.publish(owner, "doc-after", content_key, {"rita@example.com": ["VIEW"]})
+            except ServiceError as err:
+                assert err.status == 503, err  # only "unavailable" until the node reaches the new primary
+                raise AssertionError(err) from None
+
+        eventually(writes_again)
+        assert process.poll() is None  # the same node process throughout
+        # Every publication acknowledged before the crash is on the new primary (synchronous replication), and
+        # its content opens for the reader with a license from the new primary.
+        for pl in published:
+            granted = client.license(reader, pl["pl"])
+            _claims, opened = open_use_license(granted["ul"], client.slc()["chain"][0], reader)
+            assert decrypt_content(opened, blob) == DOCUMENT
+        ids = ", ".join(f"'{pl['pl_id']}'" for pl in published)
+        assert _sql(standby, f"SELECT count(*) FROM content WHERE pl_id IN ({ids})", "config") == [(5,)]
+    finally:
+        stop_node(process)
+
+
+def test_requests_in_flight_when_the_primary_crashes_get_an_answer_and_never_a_500(pair, tmp_path):
+    primary, standby = pair
+    database = both_hosts(primary, standby)
+    provision(database)
+    issuer = make_issuer(tmp_path / "issuer")
+    _result, config_path, _secret = configure_node(database, tmp_path, issuer)
+    url, process = start_node(config_path, tmp_path / "serve.log")
+    try:
+        client = RmsClient(url)
+        owner = User.new("olga@example.com", demo_issuer_token(issuer, "olga@example.com"))
+        reader = User.new("rita@example.com", demo_issuer_token(issuer, "rita@example.com"))
+        for user in (owner, reader):
+            client.certify(user)
+        content_key, _blob = encrypt_content(DOCUMENT)
+        pl = client.publish(owner, "doc-load", content_key, {"rita@example.com": ["VIEW"]})["pl"]
+
+        def fail_over():
+            primary.crash()
+            standby.promote()
+
+        answers = _answers_through(fail_over, url, owner, reader, pl, content_key)
+        refused = [(op, status) for op, status, retry_after in answers if status != 200]
+        print(f"through the failover: {len(answers)} answers, refused: {collections.Counter(refused)}")
+        assert {status for _op, status in refused} <= {503}, refused
+        assert all(retry_after for _op, status, retry_after in answers if status == 503), answers
+        assert process.poll() is None
+    finally:
+        stop_node(process)
+
+
+def demo_issuer_token(issuer_dir, subject: str) -> str:
+    return demo_issuer.token(issuer_dir, subject, ())
+
+
+def _send(http: httpx.Client, operation: str, owner, reader, pl, content_key) -> tuple[str, int, str | None]:
+    if operation == "publish":
+        token, path = owner.token, "/publishing"
+        body = {"content_id": f"doc-{uuid.uuid4()}", "content_key": b64url(content_key),
+                "rights": {"rita@example.com": ["VIEW"]}}
+    else:
+        token, path, body = reader.token, "/licensing", {"pl": pl, "rac": reader.rac_pem}
+    response = http.post(path, json=body, headers={"Authorization": f"Bearer {token}"})
+    return operation, response.status_code, response.headers.get("Retry-After")
+
+
+def _answers_without_a_primary(url, owner, reader, pl, content_key) -> list[tuple[str, int, str | None]]:
+    with httpx.Client(base_url=url, timeout=60.0) as http:
+        return [_send(http, operation, owner, reader, pl, content_key) for operation in ("publish", "license") * 2]
+
+
+def _answers_through(fail_over, url, owner, reader, pl, content_key) -> list[tuple[str, int, str | None]]:
+    """Publish and license from two threads without pause while `fail_over()` runs, until each has had five
+    answers 200 after it: every answer as (operation, status, Retry-After)."""
+    answers: list[tuple[str, int, str | None]] = []
+    stop = threading.Event()
+
+    def send(operation: str):
+        with httpx.Client(base_url=url, timeout=60.0) as http:
+            while not stop.is_set():
+                answers.append(_send(http, operation, owner, reader, pl, content_key))
+
+    threads = [threading.Thread(target=send, args=(operation,)) for operation in ("publish", "license")]
+    for thread in threads:
+        thread.start()
+    try:
+        eventually(lambda: _assert_answered(answers, 0, 5))  # the load runs before the failover
+        mark = len(answers)
+        fail_over()
+        eventually(lambda: _assert_answered(answers, mark, 5), timeout=120)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    return answers
+
+
+def _assert_answered(answers, since: int, count: int) -> None:
+    for operation in ("publish", "license"):
+        assert sum(1 for op, status, _ in answers[since:] if op == operation and status == 200) >= count
