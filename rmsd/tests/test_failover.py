@@ -12,9 +12,19 @@ import httpx
 import psycopg
 import pytest
 import sqlalchemy as sa
-from conftest import Database, configure_node, eventually, make_issuer, pgserver, provision, start_node, stop_node
+from conftest import (
+    KEY_PASSWORD,
+    Database,
+    configure_node,
+    eventually,
+    make_issuer,
+    pgserver,
+    provision,
+    start_node,
+    stop_node,
+)
 
-from rmsd import db, demo_issuer
+from rmsd import admin, db, demo_issuer
 from rmsd.client import RmsClient, ServiceError, User, b64url, decrypt_content, encrypt_content, open_use_license
 
 DOCUMENT = b"Quarterly figures, before the failover."
@@ -176,10 +186,10 @@ def test_a_node_finds_the_promoted_standby_without_a_restart(pair, tmp_path):
         client.license(reader, published[0]["pl"])
 
         primary.crash()
-        # No primary: writes (and, until licensing reads from a standby, licenses) are refused with 503 and
-        # Retry-After, never 500, each answered (the request's timeout is the bound).
+        # No primary: writes are refused with 503 and Retry-After, never 500, each answered (the request's
+        # timeout is the bound); content already published is licensed from the standby.
         answers = _answers_without_a_primary(url, owner, reader, published[0]["pl"], content_key)
-        assert answers and all(status == 503 and retry_after for _op, status, retry_after in answers), answers
+        assert sorted(set(answers)) == [("license", 200, None), ("publish", 503, "5")], answers
 
         standby.promote()
 
@@ -228,6 +238,7 @@ def test_requests_in_flight_when_the_primary_crashes_get_an_answer_and_never_a_5
         refused = [(op, status) for op, status, retry_after in answers if status != 200]
         print(f"through the failover: {len(answers)} answers, refused: {collections.Counter(refused)}")
         assert {status for _op, status in refused} <= {503}, refused
+        assert not [op for op, _status in refused if op == "license"], refused  # licensing never stopped
         assert all(retry_after for _op, status, retry_after in answers if status == 503), answers
         assert process.poll() is None
     finally:
@@ -283,3 +294,86 @@ def _answers_through(fail_over, url, owner, reader, pl, content_key) -> list[tup
 def _assert_answered(answers, since: int, count: int) -> None:
     for operation in ("publish", "license"):
         assert sum(1 for op, status, _ in answers[since:] if op == operation and status == 200) >= count
+
+
+# --- licensing from a standby while no host accepts writes ------------------------------------------------------
+
+
+@pytest.fixture
+def running(pair, tmp_path):
+    """A node on both hosts, olga (owner) and rita (reader) certified: (primary, standby, database, url, client,
+    owner, reader)."""
+    primary, standby = pair
+    database = both_hosts(primary, standby)
+    provision(database)
+    issuer = make_issuer(tmp_path / "issuer")
+    _result, config_path, _secret = configure_node(database, tmp_path, issuer)
+    url, process = start_node(config_path, tmp_path / "serve.log")
+    try:
+        client = RmsClient(url)
+        owner = User.new("olga@example.com", demo_issuer_token(issuer, "olga@example.com"))
+        reader = User.new("rita@example.com", demo_issuer_token(issuer, "rita@example.com"))
+        for user in (owner, reader):
+            client.certify(user)
+        yield primary, standby, database, url, client, owner, reader
+    finally:
+        stop_node(process)
+
+
+def _publish(client, owner, content_id: str):
+    content_key, blob = encrypt_content(DOCUMENT)
+    return client.publish(owner, content_id, content_key, {"rita@example.com": ["VIEW"]}), blob
+
+
+def _compromise(database, key_id: str) -> None:
+    admin.ensure_cluster_key(cluster="c1", key_password=KEY_PASSWORD, compromised_keys=[key_id],
+                             **database.admin_args())
+
+
+def _status(client, reader, pl: str) -> int:
+    try:
+        client.license(reader, pl)
+        return 200
+    except ServiceError as err:
+        return err.status
+
+
+def test_published_content_is_licensed_from_the_standby_while_no_primary_exists(running):
+    primary, _standby, database, url, client, owner, reader = running
+    old, _ = _publish(client, owner, "doc-old")
+    _compromise(database, old["key_id"])
+    eventually(lambda: _assert_status(client, reader, old["pl"], 410))  # the node has read the rotation
+    for user in (owner, reader):  # RACs under the compromised root key are refused too: new ones
+        client.certify(user)
+    new, blob = _publish(client, owner, "doc-new")
+    assert new["key_id"] != old["key_id"]
+
+    primary.crash()
+    statuses = collections.Counter(_status(client, reader, new["pl"]) for _ in range(20))
+    print(f"licenses for published content with no primary: {dict(statuses)}")
+    assert statuses == {200: 20}
+    granted = client.license(reader, new["pl"])
+    _claims, opened = open_use_license(granted["ul"], client.slc()["chain"][0], reader)
+    assert decrypt_content(opened, blob) == DOCUMENT
+    assert _status(client, reader, old["pl"]) == 410  # revoked before the failover: still refused
+    assert client.health()["status"] == "ok"
+    with httpx.Client(base_url=url, timeout=60.0) as http:
+        publish = _send(http, "publish", owner, reader, new["pl"], encrypt_content(DOCUMENT)[0])
+    assert publish[1:] == (503, "5")  # a write waits for a primary
+
+
+def test_a_standby_that_has_not_replayed_all_it_received_licenses_nothing(running):
+    primary, standby, database, _url, client, owner, reader = running
+    old, _ = _publish(client, owner, "doc-old")
+    assert _status(client, reader, old["pl"]) == 200
+    _sql(standby, "SELECT pg_wal_replay_pause()")
+    _compromise(database, old["key_id"])  # acknowledged: the synchronous standby has it, not yet replayed
+    primary.crash()
+    # Replayed, the standby would refuse (410); not replayed, it would license content under a revoked key.
+    assert _status(client, reader, old["pl"]) == 503
+    _sql(standby, "SELECT pg_wal_replay_resume()")
+    eventually(lambda: _assert_status(client, reader, old["pl"], 410))
+
+
+def _assert_status(client, reader, pl: str, expected: int) -> None:
+    assert _status(client, reader, pl) == expected

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, TypeVar
 import sqlalchemy as sa
 
 from rmsd import transport
-from rmsd.errors import RmsdError
+from rmsd.errors import DatabaseUnavailableError, RmsdError
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -72,8 +72,7 @@ def refuse_unverified_postgresql(url: sa.URL) -> None:
     server's certificate and name (libpq's sslmode=verify-full): the password, the encrypted cluster keys
     and every row would otherwise cross the network to whoever answers. A Unix socket or a loopback host may
     use any sslmode."""
-    hosts = [url.host or ""] + [host.strip() for name in ("host", "hostaddr")
-                                for value in _query_values(url, name) for host in value.split(",")]
+    hosts = _hosts(url)
     # A host may come with its port (SQLAlchemy's host=NAME:PORT); a path is a Unix socket's folder.
     remote = [host for host in hosts if host and not host.startswith("/") and not transport.is_loopback(
         host.partition("]")[0].lstrip("[") if host.startswith("[") else host.partition(":")[0]
@@ -189,6 +188,43 @@ def write(engine: sa.Engine, work: Callable[[sa.Connection], T]) -> T:
             transaction.commit()
             return result
     raise AssertionError("unreachable: the second attempt returns or raises")
+
+
+def make_standby_reader(engine: sa.Engine) -> sa.Engine | None:
+    """For reads while no host accepts writes: the same hosts, a standby preferred, one statement per
+    connection use (autocommit). None unless `engine` is PostgreSQL at more than one host."""
+    if engine.dialect.name != "postgresql" or len(_hosts(engine.url)) < 2:
+        return None
+    url = engine.url.update_query_dict({"target_session_attrs": "prefer-standby"})
+    return sa.create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=8, isolation_level="AUTOCOMMIT",
+                            connect_args={"connect_timeout": 10})
+
+
+REPLAYED = sa.text(
+    "SELECT NOT pg_is_in_recovery() OR coalesce(pg_last_wal_replay_lsn() >= pg_last_wal_receive_lsn(), false)"
+)
+
+
+def read_replayed(engine: sa.Engine, work: Callable[[sa.Connection], T]) -> T:
+    """work(conn) on a primary, or on a standby that has replayed every change it received; otherwise
+    DatabaseUnavailableError. With synchronous replication a commit is acknowledged only once the synchronous
+    standby has it: such a standby, fully replayed, shows every key and RAC status change committed before the
+    primary was lost, and a license read there is as honest as one read on the primary."""
+    def checked(conn: sa.Connection) -> T:
+        if not conn.execute(REPLAYED).scalar():
+            raise DatabaseUnavailableError(
+                "the configuration database has no primary, and its standby has not yet replayed every change it "
+                "received; try again shortly")
+        return work(conn)
+
+    return read(engine, checked)
+
+
+def _hosts(url: sa.URL) -> list[str]:
+    """The hosts a PostgreSQL URL names: its host, and those of libpq's host= and hostaddr= lists."""
+    named = [url.host or ""] + [host.strip() for name in ("host", "hostaddr")
+                                for value in _query_values(url, name) for host in value.split(",")]
+    return [host for host in named if host]
 
 
 def lock(conn: sa.Connection, name: str) -> None:

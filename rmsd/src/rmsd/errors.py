@@ -30,6 +30,11 @@ class KeyUnavailableError(RmsdError):
     decrypt, as when a rotation settles a compromised key in the token."""
 
 
+class DatabaseUnavailableError(RmsdError):
+    """No host of the configuration database can answer this request now (no primary for a write; for a read,
+    no standby that has replayed all it received); it may be sent again after a while. Nothing was done."""
+
+
 class TooManyRequestsError(RmsdError):
     """The caller asked for more than a node does for anyone before authentication; it may try again after
     `retry_after` seconds. Nothing was done."""

@@ -31,6 +31,7 @@ from rmsd.keys import ClusterKey, TokenSettings, provider_for
 from rmsd.schema import utcnow
 
 log = logging.getLogger("rmsd")
+PRIMARY_RECHECK_SECONDS = 1.0  # how long licensing reads from a standby before asking the primary again
 ACTIVE_KEY_TTL = 5.0  # seconds a node trusts its view of the active key before reading it again
 SNAPSHOT_SECONDS = 1.0  # how old the cluster state that anyone may ask for (health, SLC) may be
 # A PL has no expiry of its own; a verified one is kept at most this long (and while the LRU keeps it).
@@ -77,6 +78,9 @@ class Node:
         secrets = load_secrets(config.secret_path)
         self.engine = db.make_engine(config.database_url, secrets.database_password)
         self.reader = db.make_reader(self.engine)  # the per-request reads, which need no transaction
+        # Licensing's reads while no host accepts writes (a database URL naming several hosts), see read_only().
+        self.standby = db.make_standby_reader(self.engine)
+        self._primary_lost_until = 0.0
         self._key_passwords = secrets.key_passwords
         self._token = TokenSettings.for_node(config, secrets)
         self.started_at = utcnow()
@@ -151,7 +155,23 @@ class Node:
             return self._state
 
     def _read_state(self) -> ClusterState:
-        return db.read(self.engine, self._read_state_on)
+        return self.read_only(self.engine, self._read_state_on)
+
+    def read_only(self, engine: sa.Engine, work):
+        """work(conn), which only reads, on `engine`; while no host of the database accepts connections for
+        writes, on a standby that has replayed every change it received (db.read_replayed): content already
+        published keeps being licensed through a failover, and a revocation committed before it holds."""
+        if self.standby is not None and time.monotonic() < self._primary_lost_until:
+            return db.read_replayed(self.standby, work)
+        try:
+            return db.read(engine, work)
+        except sa.exc.OperationalError:
+            if self.standby is None:
+                raise
+            # A host that does not answer costs each connection attempt its connect timeout: for a second,
+            # reads go to the standby without asking the primary first.
+            self._primary_lost_until = time.monotonic() + PRIMARY_RECHECK_SECONDS
+            return db.read_replayed(self.standby, work)
 
     def _read_state_on(self, conn: sa.Connection) -> ClusterState:
         """One read of the cluster (db.read sends it once more on a new connection if this one breaks)."""
@@ -231,6 +251,8 @@ class Node:
         self._stop.set()
         self.engine.dispose()
         self.reader.dispose()
+        if self.standby is not None:
+            self.standby.dispose()
 
     # --- operations ----------------------------------------------------------------------------
 
@@ -362,7 +384,7 @@ class Node:
                                                             clusters.key_row(conn, key_id)))
             return statuses, rac_trusted
 
-        statuses, rac_trusted = db.read(self.reader, checks)
+        statuses, rac_trusted = self.read_only(self.reader, checks)
         if statuses.get(state.active.key_id) != "active":  # a rotation retired it since this node read the cluster
             state = self.state(refresh=True)
         if not rac_trusted:
@@ -380,7 +402,7 @@ class Node:
         found = self._keys.get(key_id)
         if found is not None:
             return found
-        return db.read(self.engine, lambda conn: self.load_key(conn, key_id))
+        return self.read_only(self.engine, lambda conn: self.load_key(conn, key_id))
 
     def _verified_pl(self, state: ClusterState, pl_token: str) -> "VerifiedPl":
         """A PL of this cluster with a valid signature and in the content registry: checked once per PL
@@ -407,7 +429,7 @@ class Node:
                 raise RevokedError(_revoked_content_message(recorded, key_row))
             return claims
 
-        claims = db.read(self.engine, check)
+        claims = self.read_only(self.engine, check)
         verified = VerifiedPl(claims)
         self.pls.put(digest, verified, time.time() + PL_CACHE_SECONDS)
         return verified

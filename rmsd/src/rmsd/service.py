@@ -38,6 +38,7 @@ from rmsd.contract import (
 )
 from rmsd.errors import (
     AuthenticationError,
+    DatabaseUnavailableError,
     ForbiddenError,
     InvalidRequestError,
     KeyUnavailableError,
@@ -62,6 +63,7 @@ ERRORS = {
     InvalidRequestError: 400,
     RevokedError: 410,
     KeyUnavailableError: 503,
+    DatabaseUnavailableError: 503,
 }
 PROBLEMS: dict[int | str, dict[str, Any]] = {
     code: {"model": Problem} for code in (400, 401, 403, 404, 408, 409, 410, 413, 415, 500, 503)
@@ -73,6 +75,7 @@ PROBLEM_KINDS = {
     InvalidRequestError: "invalid-request",
     RevokedError: "revoked",
     KeyUnavailableError: "unavailable",
+    DatabaseUnavailableError: "unavailable",
 }
 
 
@@ -116,7 +119,8 @@ def create_app(config: NodeConfig, heartbeat: bool = True) -> FastAPI:
     async def _rmsd_error(request: Request, err: RmsdError):
         status = next((code for cls, code in ERRORS.items() if isinstance(err, cls)), 409)
         kind = next((name for cls, name in PROBLEM_KINDS.items() if isinstance(err, cls)), "conflict")
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {"Retry-After": retry_after} \
+            if isinstance(err, DatabaseUnavailableError) else None
         return limits.problem(status, str(err), kind=kind, request=request, headers=headers,
                               error=type(err).__name__)
 
