@@ -5,8 +5,10 @@ finds the new primary by itself, with no restart. db.read and db.write send work
 connection when the one they had broke, where that is safe."""
 
 import collections
+import subprocess
 import threading
 import uuid
+from dataclasses import dataclass
 
 import httpx
 import psycopg
@@ -167,7 +169,22 @@ def test_an_error_of_the_statement_is_not_sent_again(engine):
 # --- a running node through a failover -------------------------------------------------------------------------
 
 
-def test_a_node_finds_the_promoted_standby_without_a_restart(pair, tmp_path):
+@dataclass
+class Running:
+    """A node on both hosts of `pair`, olga (owner) and rita (reader) certified."""
+
+    primary: pgserver.PostgresServer
+    standby: pgserver.PostgresServer
+    database: Database
+    url: str
+    process: subprocess.Popen
+    client: RmsClient
+    owner: User
+    reader: User
+
+
+@pytest.fixture
+def running(pair, tmp_path):
     primary, standby = pair
     database = both_hosts(primary, standby)
     provision(database)
@@ -176,77 +193,63 @@ def test_a_node_finds_the_promoted_standby_without_a_restart(pair, tmp_path):
     url, process = start_node(config_path, tmp_path / "serve.log")
     try:
         client = RmsClient(url)
-        owner = User.new("olga@example.com", demo_issuer_token(issuer, "olga@example.com"))
-        reader = User.new("rita@example.com", demo_issuer_token(issuer, "rita@example.com"))
+        owner = User.new("olga@example.com", demo_issuer.token(issuer, "olga@example.com", ()))
+        reader = User.new("rita@example.com", demo_issuer.token(issuer, "rita@example.com", ()))
         for user in (owner, reader):
             client.certify(user)
-        content_key, blob = encrypt_content(DOCUMENT)
-        published = [client.publish(owner, f"doc-{n}", content_key, {"rita@example.com": ["VIEW"]})
-                     for n in range(5)]
-        client.license(reader, published[0]["pl"])
-
-        primary.crash()
-        # No primary: writes are refused with 503 and Retry-After, never 500, each answered (the request's
-        # timeout is the bound); content already published is licensed from the standby.
-        answers = _answers_without_a_primary(url, owner, reader, published[0]["pl"], content_key)
-        assert sorted(set(answers)) == [("license", 200, None), ("publish", 503, "5")], answers
-
-        standby.promote()
-
-        def writes_again():
-            try:
-                return client.publish(owner, "doc-after", content_key, {"rita@example.com": ["VIEW"]})
-            except ServiceError as err:
-                assert err.status == 503, err  # only "unavailable" until the node reaches the new primary
-                raise AssertionError(err) from None
-
-        eventually(writes_again)
-        assert process.poll() is None  # the same node process throughout
-        # Every publication acknowledged before the crash is on the new primary (synchronous replication), and
-        # its content opens for the reader with a license from the new primary.
-        for pl in published:
-            granted = client.license(reader, pl["pl"])
-            _claims, opened = open_use_license(granted["ul"], client.slc()["chain"][0], reader)
-            assert decrypt_content(opened, blob) == DOCUMENT
-        ids = ", ".join(f"'{pl['pl_id']}'" for pl in published)
-        assert _sql(standby, f"SELECT count(*) FROM content WHERE pl_id IN ({ids})", "config") == [(5,)]
+        yield Running(primary, standby, database, url, process, client, owner, reader)
     finally:
         stop_node(process)
 
 
-def test_requests_in_flight_when_the_primary_crashes_get_an_answer_and_never_a_500(pair, tmp_path):
-    primary, standby = pair
-    database = both_hosts(primary, standby)
-    provision(database)
-    issuer = make_issuer(tmp_path / "issuer")
-    _result, config_path, _secret = configure_node(database, tmp_path, issuer)
-    url, process = start_node(config_path, tmp_path / "serve.log")
-    try:
-        client = RmsClient(url)
-        owner = User.new("olga@example.com", demo_issuer_token(issuer, "olga@example.com"))
-        reader = User.new("rita@example.com", demo_issuer_token(issuer, "rita@example.com"))
-        for user in (owner, reader):
-            client.certify(user)
-        content_key, _blob = encrypt_content(DOCUMENT)
-        pl = client.publish(owner, "doc-load", content_key, {"rita@example.com": ["VIEW"]})["pl"]
+def test_a_node_finds_the_promoted_standby_without_a_restart(running):
+    client, owner, reader = running.client, running.owner, running.reader
+    content_key, blob = encrypt_content(DOCUMENT)
+    published = [client.publish(owner, f"doc-{n}", content_key, {"rita@example.com": ["VIEW"]}) for n in range(5)]
+    client.license(reader, published[0]["pl"])
 
-        def fail_over():
-            primary.crash()
-            standby.promote()
+    running.primary.crash()
+    # No primary: writes are refused with 503 and Retry-After, never 500, each answered (the request's timeout is
+    # the bound); content already published is licensed from the standby.
+    answers = _answers_without_a_primary(running.url, owner, reader, published[0]["pl"], content_key)
+    assert sorted(set(answers)) == [("license", 200, None), ("publish", 503, "5")], answers
 
-        answers = _answers_through(fail_over, url, owner, reader, pl, content_key)
-        refused = [(op, status) for op, status, retry_after in answers if status != 200]
-        print(f"through the failover: {len(answers)} answers, refused: {collections.Counter(refused)}")
-        assert {status for _op, status in refused} <= {503}, refused
-        assert not [op for op, _status in refused if op == "license"], refused  # licensing never stopped
-        assert all(retry_after for _op, status, retry_after in answers if status == 503), answers
-        assert process.poll() is None
-    finally:
-        stop_node(process)
+    running.standby.promote()
+
+    def writes_again():
+        try:
+            return client.publish(owner, "doc-after", content_key, {"rita@example.com": ["VIEW"]})
+        except ServiceError as err:
+            assert err.status == 503, err  # only "unavailable" until the node reaches the new primary
+            raise AssertionError(err) from None
+
+    eventually(writes_again)
+    assert running.process.poll() is None  # the same node process throughout
+    # Every publication acknowledged before the crash is on the new primary (synchronous replication), and its
+    # content opens for the reader with a license from the new primary.
+    for pl in published:
+        granted = client.license(reader, pl["pl"])
+        _claims, opened = open_use_license(granted["ul"], client.slc()["chain"][0], reader)
+        assert decrypt_content(opened, blob) == DOCUMENT
+    ids = ", ".join(f"'{pl['pl_id']}'" for pl in published)
+    assert _sql(running.standby, f"SELECT count(*) FROM content WHERE pl_id IN ({ids})", "config") == [(5,)]
 
 
-def demo_issuer_token(issuer_dir, subject: str) -> str:
-    return demo_issuer.token(issuer_dir, subject, ())
+def test_requests_in_flight_when_the_primary_crashes_get_an_answer_and_never_a_500(running):
+    content_key, _blob = encrypt_content(DOCUMENT)
+    pl = running.client.publish(running.owner, "doc-load", content_key, {"rita@example.com": ["VIEW"]})["pl"]
+
+    def fail_over():
+        running.primary.crash()
+        running.standby.promote()
+
+    answers = _answers_through(fail_over, running.url, running.owner, running.reader, pl, content_key)
+    refused = [(op, status) for op, status, retry_after in answers if status != 200]
+    print(f"through the failover: {len(answers)} answers, refused: {collections.Counter(refused)}")
+    assert {status for _op, status in refused} <= {503}, refused
+    assert not [op for op, _status in refused if op == "license"], refused  # licensing never stopped
+    assert all(retry_after for _op, status, retry_after in answers if status == 503), answers
+    assert running.process.poll() is None
 
 
 def _send(http: httpx.Client, operation: str, owner, reader, pl, content_key) -> tuple[str, int, str | None]:
@@ -299,27 +302,6 @@ def _assert_answered(answers, since: int, count: int) -> None:
 # --- licensing from a standby while no host accepts writes ------------------------------------------------------
 
 
-@pytest.fixture
-def running(pair, tmp_path):
-    """A node on both hosts, olga (owner) and rita (reader) certified: (primary, standby, database, url, client,
-    owner, reader)."""
-    primary, standby = pair
-    database = both_hosts(primary, standby)
-    provision(database)
-    issuer = make_issuer(tmp_path / "issuer")
-    _result, config_path, _secret = configure_node(database, tmp_path, issuer)
-    url, process = start_node(config_path, tmp_path / "serve.log")
-    try:
-        client = RmsClient(url)
-        owner = User.new("olga@example.com", demo_issuer_token(issuer, "olga@example.com"))
-        reader = User.new("rita@example.com", demo_issuer_token(issuer, "rita@example.com"))
-        for user in (owner, reader):
-            client.certify(user)
-        yield primary, standby, database, url, client, owner, reader
-    finally:
-        stop_node(process)
-
-
 def _publish(client, owner, content_id: str):
     content_key, blob = encrypt_content(DOCUMENT)
     return client.publish(owner, content_id, content_key, {"rita@example.com": ["VIEW"]}), blob
@@ -339,7 +321,8 @@ def _status(client, reader, pl: str) -> int:
 
 
 def test_published_content_is_licensed_from_the_standby_while_no_primary_exists(running):
-    primary, _standby, database, url, client, owner, reader = running
+    primary, database, url = running.primary, running.database, running.url
+    client, owner, reader = running.client, running.owner, running.reader
     old, _ = _publish(client, owner, "doc-old")
     _compromise(database, old["key_id"])
     eventually(lambda: _assert_status(client, reader, old["pl"], 410))  # the node has read the rotation
@@ -363,7 +346,8 @@ def test_published_content_is_licensed_from_the_standby_while_no_primary_exists(
 
 
 def test_a_standby_that_has_not_replayed_all_it_received_licenses_nothing(running):
-    primary, standby, database, _url, client, owner, reader = running
+    primary, standby, database = running.primary, running.standby, running.database
+    client, owner, reader = running.client, running.owner, running.reader
     old, _ = _publish(client, owner, "doc-old")
     assert _status(client, reader, old["pl"]) == 200
     _sql(standby, "SELECT pg_wal_replay_pause()")
