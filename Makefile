@@ -104,7 +104,7 @@ test: packages venv collection
 # ansible-lint --offline: lint the working tree through the collection symlink
 # instead of a built copy (and never reach for Ansible Galaxy).
 lint: venv collection
-	$(BIN)/ruff check rmsd plugins tests scripts benchmarks roles/server/files molecule
+	$(BIN)/ruff check rmsd plugins tests scripts benchmarks roles/server/files roles/config_database/files molecule
 	cd rmsd && $(BIN)/mypy
 	@# ansible-lint installs this collection into ANSIBLE_HOME and keeps that copy while galaxy.yml's
 	@# version stays the same: remove it, so the working tree is what gets linted.
