@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the base image of the `hosts` scenario once and prints its tag on stdout (progress goes
-# to stderr): a Debian 12 machine with systemd as PID 1, sshd, sudo, Python, HAProxy and
-# PostgreSQL installed but not started, and git and make (a newcomer clones the repository and runs
+# to stderr): a Debian 12 machine with systemd as PID 1, sshd, sudo, Python, HAProxy, PostgreSQL,
+# Patroni, etcd and pgBackRest installed but not started, and git and make (a newcomer clones the repository and runs
 # `make demo` on one). The tag is localhost/rmsops-hosts:<first 16 hex digits of
 # the sha256 of this file>, so any change to the package list or the hooks below builds a new
 # image, and an existing tag is reused at once. Needs root, mmdebstrap and podman.
@@ -18,6 +18,7 @@ readonly packages=(
     git make
     procps iproute2 openssl ca-certificates
     haproxy postgresql
+    patroni etcd-server etcd-client pgbackrest
 )
 readonly login_user=rmsadmin
 
@@ -53,12 +54,15 @@ customize_hook() {
     printf '[global]\nindex-url = http://127.0.6.254:9/simple/\n' >"$root/etc/pip.conf"
     chmod 0644 "$root/etc/pip.conf"
 
-    # The roles and the tests start what they need.
-    chroot "$root" systemctl disable haproxy.service postgresql.service
-    if compgen -G "$root/etc/systemd/system/*.wants/haproxy.service" >/dev/null \
-        || compgen -G "$root/etc/systemd/system/*.wants/postgresql.service" >/dev/null; then
-        log "haproxy or postgresql is still enabled"; return 1
-    fi
+    # The roles and the tests start what they need (every container shares the host's network:
+    # Debian's etcd would listen on 127.0.0.1:2379 in each of them).
+    local unit
+    for unit in haproxy postgresql etcd patroni; do
+        chroot "$root" systemctl disable "$unit.service"
+        if compgen -G "$root/etc/systemd/system/*.wants/$unit.service" >/dev/null; then
+            log "$unit is still enabled"; return 1
+        fi
+    done
     if compgen -G "$root/etc/postgresql/*/main" >/dev/null; then
         log "a PostgreSQL main cluster was created despite createcluster.conf"; return 1
     fi
