@@ -13,10 +13,16 @@ because what it relied on (the RAC's or the document's cluster key) was just rev
 the rotation working, not a failure: it is counted apart (refused_revoked) after the cluster's GET /slc
 confirms the key is revoked, and the client gets a new RAC or publishes anew. Any other refusal fails.
 
+With --failover the client does what users do while the configuration database fails over: get a RAC
+now and then, publish a new document, get a use license for a document published before the load began and
+for the new one. Each operation is counted apart (ok, unavailable: 503 with Retry-After, failed: anything
+else); every write's start time and outcome, and the content ids of the acknowledged publications, are in
+the result written at the end ("ops", "writes", "published").
+
 usage: load_client.py --url URL --ca CA --issuer-dir DIR --out FILE --stop-file FILE [--pid-file FILE]
-                      [--rotation]
+                      [--rotation | --failover]
 Run with the python of rmsd's virtualenv. The result (JSON) is written to --out every second and
-at the end: {"requests", "failed", "errors", "nodes": {node: answers}, "seconds", "refused_revoked"}.
+at the end: {"requests", "failed", "errors", "nodes": {node: answers}, "seconds", "refused_revoked", "ops"}.
 """
 
 import argparse
@@ -50,6 +56,9 @@ class Load:
         self.nodes: Counter = Counter()
         self.refused_revoked = 0
         self.started = time.monotonic()
+        self.ops: dict[str, Counter] = {}
+        self.writes: list[tuple[float, bool]] = []
+        self.published: list[str] = []
 
     def http(self) -> httpx.Client:
         # No idle connection is kept: each request opens its own. The timeout is for a request that hangs;
@@ -115,6 +124,55 @@ class Load:
         except (httpx.HTTPError, ValueError):
             return []
 
+    def operation(self, http: httpx.Client, op: str, path: str, **kwargs) -> dict | None:
+        """One request of the failover mode, counted under `op`; writes are also put on the timeline."""
+        started = time.time()
+        try:
+            response = http.post(path, **kwargs)
+            outcome = ("ok" if response.status_code == 200
+                       else "unavailable" if response.status_code == 503 and response.headers.get("Retry-After")
+                       else "failed")
+            error = None if outcome == "ok" else f"{op}: HTTP {response.status_code} {response.text[:200]}"
+        except httpx.HTTPError as err:
+            outcome, error, response = "failed", f"{op}: {type(err).__name__}: {err}", None
+        with self.lock:
+            self.ops.setdefault(op, Counter())[outcome] += 1
+            if op in ("certify", "publish"):
+                self.writes.append((round(started, 3), outcome == "ok"))
+            if outcome == "failed" and len(self.errors) < 20:
+                self.errors.append(f"{time.monotonic() - self.started:.1f}s {error}")
+        return response.json() if outcome == "ok" else None
+
+    def failover_work(self, stop: threading.Event, issuer: Path, ttl: int, before_pl: str) -> None:
+        number = 0
+        user = None
+        with self.http() as http:
+            while not stop.is_set():
+                number += 1
+                if user is None or number % 10 == 0:
+                    fresh = User.new("load@example.com", token(issuer, "load@example.com", ["load"], ttl=ttl))
+                    answer = self.operation(http, "certify", "/certification", json={"csr": fresh.csr_pem()},
+                                            headers={"Authorization": f"Bearer {fresh.token}"})
+                    if answer is not None:
+                        fresh.rac_pem = answer["rac"]
+                        user = fresh
+                    if user is None:
+                        time.sleep(0.2)
+                        continue
+                headers = {"Authorization": f"Bearer {user.token}"}
+                content_id = f"doc-failover-{threading.get_ident()}-{number}"
+                body = {"content_id": content_id, "rights": {"group:load": ["VIEW"]},
+                        "content_key": b64url(encrypt_content(b"load test document")[0])}
+                published = self.operation(http, "publish", "/publishing", json=body, headers=headers)
+                if published is not None:
+                    with self.lock:
+                        self.published.append(content_id)
+                self.operation(http, "license_published_before", "/licensing", json={"pl": before_pl, "rac": user.rac_pem},
+                               headers=headers)
+                if published is not None:
+                    self.operation(http, "license_new", "/licensing", json={"pl": published["pl"], "rac": user.rac_pem},
+                                   headers=headers)
+
     def rotation_work(self, stop: threading.Event, issuer: Path, ttl: int) -> None:
         rac = None  # (user, id of the root key that issued the RAC)
         number = 0
@@ -141,9 +199,13 @@ class Load:
                         rac = None  # the RAC's root key was revoked: get a new RAC
                 self.request(http, "GET", "/health")
 
-    def result(self) -> dict:
+    def result(self, final: bool = False) -> dict:
         with self.lock:
-            return {"url": self.url, "policy": POLICY, "requests": self.requests, "failed": self.failed,
+            requests = self.requests + sum(sum(counts.values()) for counts in self.ops.values())
+            failed = self.failed + sum(counts["failed"] for counts in self.ops.values())
+            timeline = {"writes": list(self.writes), "published": list(self.published)} if final else {}
+            return {**timeline, "ops": {op: dict(counts) for op, counts in sorted(self.ops.items())},
+                    "requests": requests, "failed": failed, "url": self.url, "policy": POLICY,
                     "refused_revoked": self.refused_revoked, "errors": list(self.errors),
                     "nodes": dict(sorted(self.nodes.items())), "seconds": round(time.monotonic() - self.started, 1)}
 
@@ -165,7 +227,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-seconds", type=float, default=1800,
                         help="a safety net for a client nobody stops; the tests stop it with --stop-file")
-    parser.add_argument("--rotation", action="store_true", help="RAC, publish and license anew, over and over")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--rotation", action="store_true", help="RAC, publish and license anew, over and over")
+    mode.add_argument("--failover", action="store_true", help="publish, license old and new content, RAC now and then")
     args = parser.parse_args()
     if args.pid_file:
         args.pid_file.write_text(f"{os.getpid()}\n")
@@ -174,6 +238,14 @@ def main() -> int:
     ttl = int(args.max_seconds) + 120
     if args.rotation:
         work, work_args = load.rotation_work, (stop, args.issuer_dir, ttl)
+    elif args.failover:
+        rms = RmsClient(args.url)
+        rms.http = httpx.Client(base_url=args.url, verify=ssl.create_default_context(cafile=args.ca), timeout=REQUEST_TIMEOUT)
+        user = User.new("load@example.com", token(args.issuer_dir, "load@example.com", ["load"], ttl=ttl))
+        rms.certify(user)
+        key = encrypt_content(b"load test document")[0]
+        pl = rms.publish(user, f"doc-before-{os.getpid()}-{int(time.time())}", key, {"group:load": ["VIEW"]})["pl"]
+        work, work_args = load.failover_work, (stop, args.issuer_dir, ttl, pl)
     else:
         # What every request needs: a RAC and a document published for it (done before the load runs).
         rms = RmsClient(args.url)
@@ -193,7 +265,7 @@ def main() -> int:
     stop.set()
     for worker in workers:
         worker.join(timeout=REQUEST_TIMEOUT + 15)  # its last request may take up to its timeout
-    write(args.out, load.result())
+    write(args.out, load.result(final=True))
     if args.pid_file:
         args.pid_file.unlink(missing_ok=True)
     return 0
