@@ -26,8 +26,9 @@ from conftest import (
     stop_node,
 )
 
-from rmsd import admin, db, demo_issuer
+from rmsd import admin, db, demo_issuer, failpoints
 from rmsd.client import RmsClient, ServiceError, User, b64url, decrypt_content, encrypt_content, open_use_license
+from rmsd.errors import RmsdError
 
 DOCUMENT = b"Quarterly figures, before the failover."
 
@@ -164,6 +165,93 @@ def test_an_error_of_the_statement_is_not_sent_again(engine):
         db.write(engine, work)
     assert not db.dropped(raised.value) and len(calls) == 1
     assert _rows(engine, row_id) == 0
+
+
+def test_a_write_waits_for_a_standby_promoted_meanwhile(pair, monkeypatch):
+    primary, standby = pair
+    database = both_hosts(primary, standby)
+    engine = db.make_engine(database.url, database.password)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE written (id text PRIMARY KEY)"))
+    waiting = threading.Event()
+    real_sleep = db.time.sleep
+
+    def sleep(seconds):
+        waiting.set()  # a connection was refused: the write waits for a primary
+        real_sleep(seconds)
+
+    monkeypatch.setattr(db.time, "sleep", sleep)
+    monkeypatch.setattr(db, "PRIMARY_WAIT_SECONDS", 120.0)  # the promotion below, not a clock, ends the wait
+    primary.crash()
+    outcome = {}
+
+    def write():
+        try:
+            outcome["result"] = db.write(engine, lambda conn: conn.execute(
+                sa.text("INSERT INTO written (id) VALUES ('during the switchover') RETURNING id")).scalar())
+        except Exception as err:  # noqa: BLE001 - shown by the assertion below
+            outcome["error"] = err
+
+    thread = threading.Thread(target=write)
+    thread.start()
+    assert waiting.wait(60)
+    standby.promote()
+    thread.join(120)
+    assert outcome == {"result": "during the switchover"}
+    engine.dispose()
+
+
+def test_a_write_gives_up_when_no_primary_comes(pair, monkeypatch):
+    primary, standby = pair
+    database = both_hosts(primary, standby)
+    engine = db.make_engine(database.url, database.password)
+    monkeypatch.setattr(db, "PRIMARY_WAIT_SECONDS", 1.0)
+    primary.crash()
+    with pytest.raises(sa.exc.OperationalError):
+        db.write(engine, lambda conn: conn.execute(sa.text("SELECT 1")).scalar())
+    engine.dispose()
+
+
+def _keys(server, name: str = "c1") -> list[tuple[str, str]]:
+    return sorted(_sql(server, "SELECT k.id, k.status FROM cluster_keys k JOIN clusters c ON c.id = k.cluster_id"
+                               f" WHERE c.name = '{name}'", database="config"))
+
+
+def test_a_rotation_cut_by_the_primary_dying_left_nothing_and_a_rerun_converges(pair, monkeypatch):
+    """A rotation is one transaction under the cluster's advisory lock. The primary dies after the rotation
+    wrote everything and before its COMMIT: the lock goes with the session, and so does every row the rotation
+    wrote (a commit is acknowledged only once the synchronous standby has it, and this one never was). The
+    promoted standby holds the cluster as before, and a rerun on it rotates once."""
+    primary, standby = pair
+    database = both_hosts(primary, standby)
+    provision(database)
+    before = _keys(primary)
+    [(old_key, status)] = before
+    assert status == "active"
+    reach = failpoints.reach
+
+    def primary_dies(name):
+        if name == "rotation.stored":
+            primary.crash()
+        reach(name)
+
+    monkeypatch.setattr(failpoints, "reach", primary_dies)
+    with pytest.raises(RmsdError, match="cannot reach the configuration database"):
+        admin.ensure_cluster_key(cluster="c1", key_password=KEY_PASSWORD, compromised_keys=[old_key],
+                                 **database.admin_args())
+    monkeypatch.setattr(failpoints, "reach", reach)
+    standby.promote()
+    eventually(lambda: _sql(standby, "SELECT NOT pg_is_in_recovery()") == [(True,)])
+    assert _keys(standby) == before  # nothing of the cut rotation: no half-written state
+
+    done = admin.ensure_cluster_key(cluster="c1", key_password=KEY_PASSWORD, compromised_keys=[old_key],
+                                    **database.admin_args())
+    after = dict(_keys(standby))
+    assert done.changed and after.pop(old_key) == "compromised"
+    assert list(after.values()) == ["active"]  # one new key, active
+    again = admin.ensure_cluster_key(cluster="c1", key_password=KEY_PASSWORD, compromised_keys=[old_key],
+                                     **database.admin_args())
+    assert not again.changed and dict(_keys(standby)) == {old_key: "compromised", **after}
 
 
 # --- a running node through a failover -------------------------------------------------------------------------

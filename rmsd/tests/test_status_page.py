@@ -162,6 +162,41 @@ def test_the_page_shows_clusters_keys_nodes_and_the_chart():
     assert '<b>1 / 2</b>nodes healthy' in page
 
 
+HOSTILE = ["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>', "'; x='", "a&b", "</td></tr></table>",
+           "<!--rmsd:digest-->", "<!--rmsd:generated-at-->", "{{ 7*7 }}", "]]></svg><svg onload=alert(1)>"]
+
+
+def database(member="rms-pg-2", role="sync_standby", state="streaming", lag=0) -> dict:
+    """The configuration database's part of a fleet-state document (Patroni's GET /cluster, as fleet_state.yml
+    keeps it)."""
+    return {"name": "rms-config", "members": [
+        {"name": "rms-pg", "host": "127.0.6.10", "role": "leader", "state": "running", "timeline": 3},
+        {"name": member, "host": "127.0.6.13", "role": role, "state": state, "timeline": 3, "lag": lag}]}
+
+
+def test_the_page_shows_the_database_members_their_roles_and_lag():
+    page = status_page.render({**fleet_state(), "database": database(lag=4096)})
+    section = page.split('id="database"')[1].split("</section>")[0]
+    for text in ("Configuration database rms-config", "A primary and every member running", "rms-pg", "leader",
+                 "sync_standby", "streaming", "127.0.6.13", "<td>4096</td>"):
+        assert text in section, text
+    stopped = status_page.render({**fleet_state(), "database": database(state="stopped", lag="unknown")})
+    assert "Not every member runs, or no primary" in stopped
+    assert status_page.digest(stopped) != status_page.digest(page)
+    assert 'id="database"' not in status_page.render(fleet_state())  # a fleet on SQLite or a PostgreSQL run elsewhere
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(st.sampled_from(HOSTILE), st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1,
+                                                     max_size=40)),
+       st.sampled_from(["member", "role", "state", "lag"]))
+def test_every_database_value_is_escaped(value, field):
+    benign = elements(status_page.render({**fleet_state(), "database": database()}))
+    page = status_page.render({**fleet_state(), "database": database(**{field: value})})
+    assert elements(page) == benign
+    assert str(escape(value)) in page
+
+
 def test_only_the_fields_shown_are_read():
     state = fleet_state()
     state["clusters"][0]["database_password"] = "Db-Pass-5e1f-never-shown"
@@ -170,9 +205,6 @@ def test_only_the_fields_shown_are_read():
     page = status_page.render(state)
     assert "never-shown" not in page
 
-
-HOSTILE = ["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>', "'; x='", "a&b", "</td></tr></table>",
-           "<!--rmsd:digest-->", "<!--rmsd:generated-at-->", "{{ 7*7 }}", "]]></svg><svg onload=alert(1)>"]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -203,6 +235,8 @@ def test_the_time_of_writing_stays_out_of_the_digest():
      r"clusters\[0\].compromised_content.pending must be a whole number"),
     ({"clusters": [{"name": "c", "compromised_content": {"progress": [{"series": [{"at": "soon", "pending": 1}]}]}}]},
      r"series\[0\].at must be an ISO 8601 time"),
+    ({"clusters": [], "database": ["rms-pg"]}, "database must be a mapping"),
+    ({"clusters": [], "database": {"members": "rms-pg"}}, "database.members must be a list"),
 ])
 def test_a_document_that_is_no_fleet_state_is_refused_with_the_field(state, message):
     with pytest.raises(RmsdError, match=message):

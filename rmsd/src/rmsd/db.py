@@ -1,6 +1,7 @@
 """Engines for the configuration database, migrations, and the lock that serializes writers."""
 
 import os
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,10 @@ T = TypeVar("T")
 # part of a second); rmsd/tests/test_admin.py checks it is alembic's head.
 HEAD_REVISION = "0006"
 POOL_SIZE, POOL_OVERFLOW = 16, 24  # per process (worker); PostgreSQL's default max_connections is 100
+# A planned switchover leaves no primary for a second or two: a write waits that out (asking again every
+# PRIMARY_POLL_SECONDS) instead of failing. After PRIMARY_WAIT_SECONDS it gets 503 with Retry-After, well within
+# the request's deadline: an unplanned failover takes longer, and holding every request for it would not help.
+PRIMARY_WAIT_SECONDS, PRIMARY_POLL_SECONDS = 5.0, 0.25
 
 
 def alembic_head_revision() -> str:
@@ -171,13 +176,27 @@ def read(engine: sa.Engine, work: Callable[[sa.Connection], T]) -> T:
         return work(conn)
 
 
+def _connect_for_writes(engine: sa.Engine) -> sa.Connection:
+    if engine.dialect.name != "postgresql":
+        return engine.connect()
+    deadline = time.monotonic() + PRIMARY_WAIT_SECONDS
+    while True:
+        try:
+            return engine.connect()
+        except sa.exc.OperationalError:
+            if time.monotonic() + PRIMARY_POLL_SECONDS > deadline:
+                raise
+            time.sleep(PRIMARY_POLL_SECONDS)
+
+
 def write(engine: sa.Engine, work: Callable[[sa.Connection], T]) -> T:
     """work(conn) in one transaction, committed. When the connection breaks before COMMIT is sent, the server
     has rolled the transaction back (nothing of it was written): it runs once more on a new connection. When
     it breaks during COMMIT, whether the transaction committed is unknown: the error goes to the caller (a
-    request then gets 503, and its client decides whether to send it again)."""
+    request then gets 503, and its client decides whether to send it again). While no host accepts writes, a
+    connection is asked for again for up to PRIMARY_WAIT_SECONDS (nothing has been sent yet)."""
     for attempt in (1, 2):
-        with engine.connect() as conn:
+        with _connect_for_writes(engine) as conn:
             transaction = conn.begin()
             try:
                 result = work(conn)

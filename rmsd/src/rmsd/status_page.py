@@ -38,8 +38,9 @@ def render(state, generated_at: datetime | None = None) -> str:
     `generated_at` (default: now) as the time it was written."""
     clusters = [_cluster(c, i) for i, c in enumerate(_list(_dict(state, "the fleet state").get("clusters"),
                                                             "clusters"))]
+    database = _database(state.get("database"))
     html = _environment().get_template(TEMPLATE).render(
-        clusters=clusters, generated=Markup(GENERATED_MARK), digest=Markup(DIGEST_MARK),
+        clusters=clusters, database=database, generated=Markup(GENERATED_MARK), digest=Markup(DIGEST_MARK),
         nodes=sum(len(c["nodes"]) for c in clusters),
         nodes_up=sum(1 for c in clusters for n in c["nodes"] if n["healthy"]),
         compromised=sum(1 for c in clusters for k in c["key_rows"] if k["status"] == "compromised"),
@@ -112,6 +113,24 @@ def _time(value, what: str) -> datetime:
     except ValueError:
         raise RmsdError(f"{what} must be an ISO 8601 time, not {value!r:.60}") from None
     return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _database(raw) -> dict | None:
+    """The configuration database's members as Patroni reports them (GET /cluster), when the fleet has one."""
+    if raw is None:
+        return None
+    database = _dict(raw, "database")
+    members = []
+    for i, member in enumerate(_list(database.get("members"), "database.members")):
+        member = _dict(member, f"database.members[{i}]")
+        role = _text(member.get("role"))
+        members.append({"name": _text(member.get("name")), "host": _text(member.get("host")), "role": role,
+                        "primary": role == "leader", "state": _text(member.get("state")),
+                        "running": _text(member.get("state")) in ("running", "streaming"),
+                        "timeline": _text(member.get("timeline")), "lag": _text(member.get("lag"))})
+    return {"name": _text(database.get("name")), "members": members,
+            "healthy": any(m["primary"] and m["running"] for m in members)
+            and all(m["running"] for m in members)}
 
 
 def _cluster(raw, index: int) -> dict:
