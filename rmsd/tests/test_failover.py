@@ -154,6 +154,56 @@ def test_a_write_broken_during_commit_is_not_sent_again(engine):
     assert _rows(engine, row_id) == 0  # here it did not (the trigger ran before the commit record)
 
 
+def test_a_write_cut_during_commit_that_did_not_commit_runs_once_more(engine):
+    """With a way to read the outcome: the session that sent the COMMIT is gone, the row is not there, so the
+    work runs again (here with a row the trigger lets through) and is written once."""
+    first, second, calls = f"cut at commit {uuid.uuid4()}", f"after the cut {uuid.uuid4()}", []
+
+    def work(conn):
+        calls.append(1)
+        row_id = first if len(calls) == 1 else second
+        conn.execute(sa.text("INSERT INTO written (id) VALUES (:id)"), {"id": row_id})
+        return row_id
+
+    assert db.write(engine, work, committed=lambda conn, row_id: _rows_on(conn, row_id) == 1) == second
+    assert len(calls) == 2
+    assert (_rows(engine, first), _rows(engine, second)) == (0, 1)
+
+
+def test_a_write_cut_during_commit_that_did_commit_is_answered_and_not_sent_again(engine):
+    """The outcome read says the transaction took effect: its result is the answer, nothing is sent twice."""
+    row_id, calls, asked = f"cut at commit {uuid.uuid4()}", [], []
+
+    def work(conn):
+        calls.append(1)
+        conn.execute(sa.text("INSERT INTO written (id) VALUES (:id)"), {"id": row_id})
+        return "answer"
+
+    def committed(conn, result):
+        asked.append(result)
+        return True  # as if the COMMIT had taken effect before the connection broke
+
+    assert db.write(engine, work, committed=committed) == "answer"
+    assert calls == [1] and asked == ["answer"]
+
+
+def test_the_outcome_is_read_only_once_the_session_that_sent_the_commit_is_gone(engine, monkeypatch):
+    """A session that still runs on the same server could commit after the read: _committed waits for it to end,
+    and gives up (None: the caller keeps the error) when it does not end in time."""
+    monkeypatch.setattr(db, "PRIMARY_WAIT_SECONDS", 0.6)
+    with engine.connect() as other:
+        still_running = tuple(other.execute(db.SESSION).one())
+        assert db._committed(engine, still_running, lambda conn, result: True, "r") is None
+        other.invalidate()  # the session ends (closed, not kept in the pool)
+    monkeypatch.setattr(db, "PRIMARY_WAIT_SECONDS", 30.0)  # its end, not a clock, ends the wait below
+    assert db._committed(engine, still_running, lambda conn, result: True, "r") is True
+    assert db._committed(engine, still_running, lambda conn, result: False, "r") is False
+
+
+def _rows_on(conn, row_id: str) -> int:
+    return conn.execute(sa.text("SELECT count(*) FROM written WHERE id = :id"), {"id": row_id}).scalar()
+
+
 def test_an_error_of_the_statement_is_not_sent_again(engine):
     row_id, calls = f"twice {uuid.uuid4()}", []
 

@@ -433,6 +433,10 @@ def content_row(conn: sa.Connection, pl_id: str):
     return conn.execute(sa.select(content).where(content.c.pl_id == pl_id)).first()
 
 
+def rac_recorded(conn, serial: str) -> bool:
+    return conn.execute(sa.select(racs.c.serial).where(racs.c.serial == serial)).first() is not None
+
+
 def record_rac(conn, cluster_id: int, cert, subject: str, now: datetime) -> None:
     conn.execute(
         racs.insert().values(

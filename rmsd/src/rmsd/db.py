@@ -189,22 +189,73 @@ def _connect_for_writes(engine: sa.Engine) -> sa.Connection:
             time.sleep(PRIMARY_POLL_SECONDS)
 
 
-def write(engine: sa.Engine, work: Callable[[sa.Connection], T]) -> T:
+# Which server and which session a transaction ran in: the outcome of a COMMIT cut off is read only once that
+# session is gone from that server, so that it cannot commit after the read.
+SESSION = sa.text("SELECT inet_server_addr()::text, inet_server_port(), pg_postmaster_start_time(), pg_backend_pid()")
+SESSION_ALIVE = sa.text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid")
+
+
+def _session(conn: sa.Connection) -> tuple | None:
+    return tuple(conn.execute(SESSION).one()) if conn.dialect.name == "postgresql" else None
+
+
+def _committed(engine: sa.Engine, session: tuple | None, committed: Callable[[sa.Connection, T], bool],
+               result: T) -> bool | None:
+    """Whether a transaction whose COMMIT was cut off took effect: True or False once known, None when it cannot
+    be told within PRIMARY_WAIT_SECONDS. Read on the host that now accepts writes. On the same server, only once
+    the session that sent the COMMIT has ended. On another one (a standby promoted), the old primary's sessions
+    no longer count: what it committed without the new primary's having it is rewound when it rejoins."""
+    if session is None:
+        return None
+    deadline = time.monotonic() + PRIMARY_WAIT_SECONDS
+    try:
+        with _connect_for_writes(engine) as conn:
+            while True:
+                server = tuple(conn.execute(SESSION).one())[:3]
+                alive = conn.execute(SESSION_ALIVE, {"pid": session[3]}).scalar()
+                if server != session[:3] or not alive:
+                    found = bool(committed(conn, result))
+                    conn.rollback()
+                    return found
+                conn.rollback()
+                if time.monotonic() + PRIMARY_POLL_SECONDS > deadline:
+                    return None
+                time.sleep(PRIMARY_POLL_SECONDS)
+    except sa.exc.DBAPIError:
+        return None
+
+
+def write(engine: sa.Engine, work: Callable[[sa.Connection], T],
+          committed: Callable[[sa.Connection, T], bool] | None = None) -> T:
     """work(conn) in one transaction, committed. When the connection breaks before COMMIT is sent, the server
     has rolled the transaction back (nothing of it was written): it runs once more on a new connection. When
-    it breaks during COMMIT, whether the transaction committed is unknown: the error goes to the caller (a
-    request then gets 503, and its client decides whether to send it again). While no host accepts writes, a
-    connection is asked for again for up to PRIMARY_WAIT_SECONDS (nothing has been sent yet)."""
+    it breaks during COMMIT, whether the transaction committed is unknown. Without `committed` the error goes
+    to the caller (a request then gets 503, and its client decides whether to send it again). With it, the
+    outcome is read on a new connection once the session that sent the COMMIT is gone (see _committed): the
+    result is returned when `committed(conn, result)` finds what the work wrote, and the work runs once more
+    when it does not. While no host accepts writes, a connection is asked for again for up to
+    PRIMARY_WAIT_SECONDS (nothing has been sent yet)."""
     for attempt in (1, 2):
         with _connect_for_writes(engine) as conn:
             transaction = conn.begin()
             try:
+                session = _session(conn) if committed is not None else None
                 result = work(conn)
             except sa.exc.DBAPIError as err:
                 if attempt == 1 and err.connection_invalidated:
                     continue
                 raise
-            transaction.commit()
+            try:
+                transaction.commit()
+            except sa.exc.DBAPIError as err:
+                if committed is None or attempt == 2 or not err.connection_invalidated:
+                    raise
+                outcome = _committed(engine, session, committed, result)
+                if outcome is None:
+                    raise
+                if outcome:
+                    return result
+                continue
             return result
     raise AssertionError("unreachable: the second attempt returns or raises")
 

@@ -218,10 +218,11 @@ class Node:
         finally:
             self._snapshot_reading.release()
 
-    def _issuing(self, issue):
+    def _issuing(self, issue, recorded=None):
         """Run `issue(state, conn)` in a write transaction that holds the active key as active, so
         nothing is signed with a key a rotation has just retired; after a rotation this node had not
-        seen yet, read the cluster again and issue with the new key."""
+        seen yet, read the cluster again and issue with the new key. `recorded(conn, answer)`: whether
+        the database holds what `issue` wrote for `answer`, read when the COMMIT was cut off (db.write)."""
         retired = object()  # what the transaction answers when the key it read is no longer active
         for refresh in (False, True):
             state = self.state(refresh=refresh)
@@ -229,7 +230,8 @@ class Node:
             def issue_if_active(conn, state=state):
                 return issue(state, conn) if clusters.lock_active_key(conn, state.active.key_id) else retired
 
-            issued = db.write(self.engine, issue_if_active)
+            issued = db.write(self.engine, issue_if_active, committed=None if recorded is None else (
+                lambda conn, answer: answer is not retired and recorded(conn, answer)))
             if issued is not retired:
                 return issued
         raise RmsdError("the cluster key changed while this request was served; send it again")
@@ -277,7 +279,8 @@ class Node:
             clusters.record_rac(conn, state.row.id, rac, user.subject, now)
             return {"rac": pki.to_pem(rac), "chain": [state.slc_pem]}
 
-        return self._issuing(issue)
+        return self._issuing(issue, lambda conn, answer: clusters.rac_recorded(
+            conn, pki.serial_hex(pki.load_pem(answer["rac"]))))
 
     def enroll(self, cluster: str, credential: str, csr_pem: str, urls: list[str], revoked_key_ids=(),
                revocations=(), source: str = "") -> dict:
@@ -354,7 +357,7 @@ class Node:
             return {"pl": pl, "pl_id": claims["pl_id"], "content_id": content_id, "key_id": claims["key_id"],
                     "supersedes": supersedes}
 
-        return self._issuing(issue)
+        return self._issuing(issue, lambda conn, answer: clusters.content_row(conn, answer["pl_id"]) is not None)
 
     def license(self, user: Principal, pl_token: str, rac_pem: str) -> dict:
         try:
