@@ -216,6 +216,18 @@ def write(path: Path, result: dict) -> None:
     tmp.replace(path)
 
 
+def certified_and_published(args, ttl: int, prefix: str) -> tuple[User, str]:
+    """What the load's requests need, made before the load runs: a user with a RAC and a document published for
+    that user (its PL)."""
+    rms = RmsClient(args.url)
+    rms.http = httpx.Client(base_url=args.url, verify=ssl.create_default_context(cafile=args.ca), timeout=REQUEST_TIMEOUT)
+    user = User.new("load@example.com", token(args.issuer_dir, "load@example.com", ["load"], ttl=ttl))
+    rms.certify(user)
+    key = encrypt_content(b"load test document")[0]
+    pl = rms.publish(user, f"{prefix}-{os.getpid()}-{int(time.time())}", key, {"group:load": ["VIEW"]})["pl"]
+    return user, pl
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--url", required=True)
@@ -239,21 +251,10 @@ def main() -> int:
     if args.rotation:
         work, work_args = load.rotation_work, (stop, args.issuer_dir, ttl)
     elif args.failover:
-        rms = RmsClient(args.url)
-        rms.http = httpx.Client(base_url=args.url, verify=ssl.create_default_context(cafile=args.ca), timeout=REQUEST_TIMEOUT)
-        user = User.new("load@example.com", token(args.issuer_dir, "load@example.com", ["load"], ttl=ttl))
-        rms.certify(user)
-        key = encrypt_content(b"load test document")[0]
-        pl = rms.publish(user, f"doc-before-{os.getpid()}-{int(time.time())}", key, {"group:load": ["VIEW"]})["pl"]
+        _user, pl = certified_and_published(args, ttl, "doc-before")
         work, work_args = load.failover_work, (stop, args.issuer_dir, ttl, pl)
     else:
-        # What every request needs: a RAC and a document published for it (done before the load runs).
-        rms = RmsClient(args.url)
-        rms.http = httpx.Client(base_url=args.url, verify=ssl.create_default_context(cafile=args.ca), timeout=REQUEST_TIMEOUT)
-        user = User.new("load@example.com", token(args.issuer_dir, "load@example.com", ["load"], ttl=ttl))
-        rms.certify(user)
-        key = encrypt_content(b"load test document")[0]
-        pl = rms.publish(user, f"doc-load-{os.getpid()}-{int(time.time())}", key, {"group:load": ["VIEW"]})["pl"]
+        user, pl = certified_and_published(args, ttl, "doc-load")
         work, work_args = load.work, (stop, user, pl)
     workers = [threading.Thread(target=work, args=work_args, daemon=True) for _thread in range(args.threads)]
     for worker in workers:
