@@ -505,3 +505,27 @@ def test_the_instance_id_is_made_once_and_kept_by_every_rewrite(tmp_path):
     assert upgraded.changed and upgraded.facts["config_changed"]
     new_id = upgraded.facts["server"]["instance_id"]
     assert len(new_id) == 32 and new_id != made
+
+
+def test_slc_shows_the_key_the_node_signs_with_as_soon_as_the_node_has_read_it(tmp_path):
+    """A rotation this node has read for issuing is what /slc and /health answer too, at once: a client that
+    got a PL under the new key and fetches /slc to verify it must not get the old key for `snapshot_seconds`."""
+    from rmsd.config import load_node_config
+    from rmsd.node import Node
+
+    database = sqlite_database(tmp_path)
+    provision(database)
+    _result, config_path, _secret = configure_node(database, tmp_path, make_issuer(tmp_path / "issuer"))
+    node = Node(load_node_config(config_path))
+    try:
+        node.snapshot_seconds = 3600.0  # only a newer read by the node itself can change what /slc shows
+        old_key = node.snapshot().active.key_id
+        rotated = admin.ensure_cluster_key(cluster="c1", key_password=KEY_PASSWORD, **database.admin_args(),
+                                           compromised_keys=[old_key])
+        new_key = rotated.facts["active_key_id"]
+        assert new_key != old_key and node.snapshot().active.key_id == old_key
+        assert node.state(refresh=True).active.key_id == new_key
+        assert node.snapshot().active.key_id == new_key
+        assert node.snapshot().revoked_key_ids == [old_key]
+    finally:
+        node.stop()

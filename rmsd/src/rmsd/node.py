@@ -152,6 +152,10 @@ class Node:
         with self._lock:
             if refresh or self._state is None or time.monotonic() - self._state.read_at > max_age:
                 self._state = self._read_state()
+                # The newer read serves GET /slc and /health too: a client that got a PL under a new key
+                # finds that key in /slc at once, not up to `snapshot_seconds` later.
+                if self._snapshot is None or self._snapshot.read_at < self._state.read_at:
+                    self._snapshot, self._snapshot_failed = self._state, None
             return self._state
 
     def _read_state(self) -> ClusterState:
