@@ -130,7 +130,25 @@ def _database(raw) -> dict | None:
                         "timeline": _text(member.get("timeline")), "lag": _text(member.get("lag"))})
     return {"name": _text(database.get("name")), "members": members,
             "healthy": any(m["primary"] and m["running"] for m in members)
-            and all(m["running"] for m in members)}
+            and all(m["running"] for m in members),
+            "backup": _backup(database.get("backup"))}
+
+
+def _backup(raw) -> dict | None:
+    """The configuration database's repository as pgBackRest reports it (info), when the fleet has one."""
+    if raw is None:
+        return None
+    backup = _dict(raw, "database.backup")
+    last = backup.get("last")
+    if last is not None:
+        last = _dict(last, "database.backup.last")
+        last = {"label": _text(last.get("label")), "type": _text(last.get("type")),
+                "stopped_at": _time(last.get("stopped_at"), "database.backup.last.stopped_at")
+                .strftime("%Y-%m-%d %H:%M UTC")}
+    status = _text(backup.get("status"))
+    return {"repository": _text(backup.get("repository")), "status": status,
+            "count": _count(backup.get("backups", 0), "database.backup.backups"), "last": last,
+            "ok": status == "ok" and last is not None}
 
 
 def _cluster(raw, index: int) -> dict:
