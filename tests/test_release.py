@@ -7,11 +7,13 @@ import os
 import subprocess
 import sys
 import tarfile
+import tomllib
 from pathlib import Path
 
 import pytest
 import yaml
 from bindep.depends import Depends
+from packaging.version import Version
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -124,18 +126,59 @@ def test_execution_environment_definition_builds_a_context_with_the_tarball(rele
     assert "introspect" in (context / "Containerfile").read_text()
 
 
-def test_changelog_releases_the_galaxy_version_and_changelog_rst_is_generated_from_it(tmp_path):
+def recorded_releases() -> list[dict]:
+    return yaml.safe_load((REPO / "changelogs" / "releases.yml").read_text())["releases"]
+
+
+def git(*args: str) -> str:
+    return run(["git", "-C", REPO, *args]).stdout
+
+
+def test_the_tree_is_the_next_release_after_the_last_one_recorded():
+    """galaxy.yml and rmsd name a version after the last release; changelog.yaml has no entry for it yet, so
+    every fragment written since goes to it, and none joins a release that was cut."""
+    releases = recorded_releases()
+    version = yaml.safe_load((REPO / "galaxy.yml").read_text())["version"]
+    rmsd = tomllib.loads((REPO / "rmsd" / "pyproject.toml").read_text())["project"]["version"]
+    changelog = yaml.safe_load((REPO / "changelogs" / "changelog.yaml").read_text())
+    assert rmsd == version
+    assert [Version(r["version"]) for r in releases] == sorted(Version(r["version"]) for r in releases)
+    assert Version(version) > Version(releases[-1]["version"])
+    assert version not in changelog["releases"]
+    assert sorted(changelog["releases"], key=Version) == [r["version"] for r in releases]
+    released = [name for data in changelog["releases"].values() for name in data.get("fragments", [])]
+    assert len(released) == len(set(released))  # no fragment in two releases
+
+
+@pytest.mark.parametrize("release", recorded_releases(), ids=lambda release: release["version"])
+def test_a_recorded_release_is_the_commit_it_names_and_its_entry_is_as_it_was_cut(release):
+    commit = release["commit"]
+    assert git("cat-file", "-t", commit).strip() == "commit", f"{commit} is not in this checkout's history"
+    assert yaml.safe_load(git("show", f"{commit}:galaxy.yml"))["version"] == release["version"]
+    assert tomllib.loads(git("show", f"{commit}:rmsd/pyproject.toml"))["project"]["version"] == release["version"]
+    at_cut = yaml.safe_load(git("show", f"{commit}:changelogs/changelog.yaml"))["releases"][release["version"]]
+    now = yaml.safe_load((REPO / "changelogs" / "changelog.yaml").read_text())["releases"][release["version"]]
+    assert now == at_cut, "a release's changelog entry changed after it was cut: new fragments go to the next one"
+    assert at_cut["release_date"] == release["date"]
+    # Every fragment the release lists was in the tree at the commit, and is still here unchanged.
+    for name in at_cut.get("fragments", []):
+        assert git("show", f"{commit}:changelogs/fragments/{name}") == (REPO / "changelogs" / "fragments" / name
+                                                                         ).read_text(), name
+
+
+def test_changelog_rst_is_generated_from_changelog_yaml(tmp_path):
     version = yaml.safe_load((REPO / "galaxy.yml").read_text())["version"]
     changelog = yaml.safe_load((REPO / "changelogs" / "changelog.yaml").read_text())
-    assert version in changelog["releases"]
-    # Every module and plugin was added in a released version, none in a version still to come.
+    # Every module and plugin was added in a released version or in the one to come, and the changelog
+    # announces those of a release.
     added = {entry["name"]: release for release, data in changelog["releases"].items()
              for kind in ("modules", "plugins") for entry in _flatten(data.get(kind, []))}
     for path in sorted((REPO / "plugins").glob("*/*.py")):
         doc = _documentation(path)
         if doc is not None:
-            assert str(doc["version_added"]) in changelog["releases"], path
-            assert added.get(path.stem) == str(doc["version_added"]), path
+            assert str(doc["version_added"]) in [*changelog["releases"], version], path
+            if str(doc["version_added"]) != version:
+                assert added.get(path.stem) == str(doc["version_added"]), path
     # CHANGELOG.rst is what antsibull-changelog makes of changelogs/ (the plugin cache spares ansible-doc).
     (tmp_path / "changelogs").mkdir()
     for name in ("config.yaml", "changelog.yaml", ".plugin-cache.yaml"):

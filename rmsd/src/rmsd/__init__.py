@@ -1,3 +1,3 @@
 """rmsd: the RMS node software (root and licensing clusters, cluster keys, licenses)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
