@@ -76,6 +76,14 @@ exists:
   description: Whether the cluster exists in the configuration database.
   returned: always
   type: bool
+schema_revision:
+  description:
+    - The configuration database's schema revision (alembic), compared with what each node reports in C(/health)
+      during a rolling upgrade. Null when the cluster does not exist.
+  returned: always
+  type: str
+  sample: "0006"
+  version_added: 0.2.0
 cluster:
   description: The cluster (empty if it does not exist).
   returned: always

@@ -1,6 +1,7 @@
 """The HTTP service as a real `rmsd serve` process: the RAC -> PL -> UL round trip and every refusal."""
 
 import base64
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -19,7 +20,7 @@ from cryptography.x509.oid import NameOID
 from joserfc import jwt
 from joserfc.jwk import RSAKey
 
-from rmsd import admin, demo_issuer, pki
+from rmsd import admin, db, demo_issuer, pki
 from rmsd.client import RmsClient, ServiceError, User, decrypt_content, encrypt_content, open_use_license
 from rmsd.schema import utcnow
 
@@ -57,6 +58,9 @@ def test_health_and_slc(node, client):
     slc = client.slc()
     info = admin.cluster_info(name="c1", **node.database.admin_args())
     assert health["active_key_id"] == info["cluster"]["active_key_id"]
+    # The versions an operator compares across a rolling upgrade: the code's and the schema's.
+    assert health["version"] == importlib.metadata.version("rmsd")
+    assert health["schema_revision"] == info["schema_revision"] == db.HEAD_REVISION
     assert pki.fingerprint(pki.load_pem(slc["chain"][0])) == info["slc"]["fingerprint_sha256"]
 
 

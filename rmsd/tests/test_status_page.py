@@ -197,6 +197,23 @@ def test_every_database_value_is_escaped(value, field):
     assert str(escape(value)) in page
 
 
+def test_a_cluster_whose_nodes_run_two_versions_is_shown_as_mixed():
+    state = fleet_state(version="0.1.0")
+    state["clusters"][0]["schema_revision"] = "0006"
+    state["clusters"][0]["nodes"].append({"name": "corp-3", "url": "http://127.0.40.3:8080", "recorded_status": "up",
+                                          "health": "ok", "active_key_id": "k-active", "restart_advised": False,
+                                          "version": "0.2.0"})
+    page = status_page.render(state)
+    assert "Nodes run different rmsd versions: 0.1.0, 0.2.0" in page
+    assert '<code class="schema">0006</code>' in page
+    state["clusters"][0]["nodes"][-1]["version"] = "0.1.0"
+    same = status_page.render(state)
+    assert "different rmsd versions" not in same and status_page.digest(same) != status_page.digest(page)
+    # A node that does not answer says nothing of its version.
+    state["clusters"][0]["nodes"][-1].update(health="unreachable", version="0.3.0")
+    assert "different rmsd versions" not in status_page.render(state)
+
+
 def backup(label="20261207-010002F", kind="full", status="ok", repository="rms-lb", last=True) -> dict:
     """The repository's part of a fleet-state document (pgBackRest's info, as fleet_state.yml keeps it)."""
     return {"repository": repository, "status": status, "backups": 3,

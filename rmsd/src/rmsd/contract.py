@@ -117,7 +117,11 @@ class Health(BaseModel):
     role: Literal["root", "licensing"]
     state: str = Field(description="provisioned, or decommissioned (it then issues nothing)")
     active_key_id: str = Field(description=f"the key this cluster signs with now; {KEY_ID_TEXT}")
-    version: str
+    version: str = Field(description="the rmsd version this node runs")
+    schema_revision: str | None = Field(
+        default=None, description="the configuration database's schema revision (alembic), as this node last read "
+        "it: nodes of two rmsd versions share one schema during a rolling upgrade"
+    )
     started_at: str = Field(description="when this node's process started (a restart drops every key it held)")
     restart_advised: bool = Field(
         description="a cluster key was revoked as compromised since this process started: it may still hold a copy "

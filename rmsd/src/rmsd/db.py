@@ -319,6 +319,11 @@ def schema_revision(conn: sa.Connection) -> str | None:
     return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
 
 
+def read_schema_revision(conn: sa.Connection) -> str | None:
+    """The revision of a provisioned database (it has alembic's table), in one statement."""
+    return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+
+
 def schema_current(conn: sa.Connection) -> bool:
     return schema_revision(conn) == HEAD_REVISION
 

@@ -60,8 +60,9 @@ class ClusterState:
     """What a node knows about its cluster, read from the configuration database."""
 
     def __init__(self, row, active: ClusterKey, slc_pem: str, chain: list[str], trusted_slcs: list,
-                 revoked: dict[str, datetime]):
+                 revoked: dict[str, datetime], schema_revision: str | None = None):
         self.row, self.active, self.slc_pem, self.trusted_slcs = row, active, slc_pem, trusted_slcs
+        self.schema_revision = schema_revision  # the configuration database's, as read with the rest
         self.chain = chain  # the SLC, then (licensing clusters) the root SLC it chains to
         # (key id, root SLC) whose RACs this cluster accepts
         self.revoked = revoked  # this cluster's keys revoked as compromised -> when
@@ -195,7 +196,7 @@ class Node:
         if row.role == "licensing":
             chain.append(clusters.root_slc_row(conn, row.id, slc.issuer_key_id).pem)
         trusted = [(pki.cert_key_id(slc), slc) for slc in clusters.trust_anchors(conn, row)]
-        return ClusterState(row, active, slc.pem, chain, trusted, revoked)
+        return ClusterState(row, active, slc.pem, chain, trusted, revoked, db.read_schema_revision(conn))
 
     def snapshot(self) -> ClusterState:
         """The cluster as anyone may ask for it (GET /health, GET /slc): read at most about `snapshot_seconds`

@@ -170,7 +170,8 @@ def create_app(config: NodeConfig, heartbeat: bool = True) -> FastAPI:
         state = node.snapshot()
         return Health(
             status="ok", cluster=state.row.name, node=config.name, role=state.row.role, state=state.row.state,
-            active_key_id=state.active.key_id, version=__version__, started_at=node.started_at.isoformat(),
+            active_key_id=state.active.key_id, version=__version__, schema_revision=state.schema_revision,
+            started_at=node.started_at.isoformat(),
             restart_advised=any(at >= node.started_at for at in state.revoked.values()),
             instance_id=config.instance_id,
         )

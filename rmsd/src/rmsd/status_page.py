@@ -192,7 +192,9 @@ def _cluster(raw, index: int) -> dict:
     return {
         "name": _text(cluster.get("name")), "exists": cluster.get("exists", True) is not False,
         "role": _text(cluster.get("role")), "state": _text(cluster.get("state")), "active_key_id": active,
-        "key_rows": keys, "nodes": nodes,
+        "key_rows": keys, "nodes": nodes, "schema_revision": _text(cluster.get("schema_revision")),
+        # Nodes that answered with different rmsd versions: a rollout under way, or one that stopped.
+        "versions": sorted({n["version"] for n in nodes if n["version"]}),
         "outside": [_text(n) for n in
                     _list(cluster.get("nodes_outside_inventory"), f"{where}.nodes_outside_inventory")],
         "pending": _count(compromised.get("pending", 0), f"{where}.compromised_content.pending"),

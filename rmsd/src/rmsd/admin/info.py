@@ -1,7 +1,7 @@
 """What a cluster is, read-only: its keys, SLCs, nodes and their health, templates, credentials (metadata
 only), enrollments and the content per key."""
 
-from rmsd import clusters, pki, rotation
+from rmsd import clusters, db, pki, rotation
 from rmsd.admin.common import check_name, cluster_view
 from rmsd.admin.store import opened
 from rmsd.admin.templates import template_view
@@ -12,7 +12,7 @@ HEARTBEAT_STALE_AFTER = 3  # heartbeats missed before a node counts as down
 EMPTY = {
     "exists": False, "cluster": {}, "nodes": [], "cluster_keys": [], "slc": {}, "root_slc": {},
     "untrusted_root_key_ids": [], "content_per_key": {}, "rights_templates": [], "enrollment_credentials": [],
-    "enrollments": [], "republishing": [],
+    "enrollments": [], "republishing": [], "schema_revision": None,
 }
 
 
@@ -50,6 +50,7 @@ def _info(conn, name) -> dict | None:
         untrusted = clusters.untrusted_root_key_ids(conn, row.id)
     return {
         "exists": True,
+        "schema_revision": db.read_schema_revision(conn),
         "cluster": view,
         "nodes": nodes,
         "cluster_keys": keys,
