@@ -11,6 +11,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import release_source
 import yaml
 from bindep.depends import Depends
 from packaging.version import Version
@@ -127,7 +128,10 @@ def test_execution_environment_definition_builds_a_context_with_the_tarball(rele
 
 
 def recorded_releases() -> list[dict]:
-    return yaml.safe_load((REPO / "changelogs" / "releases.yml").read_text())["releases"]
+    releases = yaml.safe_load((REPO / "changelogs" / "releases.yml").read_text())["releases"]
+    # What the upgrade tests and scenario install reads the file without a YAML library: it must agree.
+    assert release_source.releases() == [{"version": r["version"], "commit": r["commit"]} for r in releases]
+    return releases
 
 
 def git(*args: str) -> str:

@@ -24,7 +24,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import yaml
+import release_source
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from packaging.requirements import Requirement
@@ -211,23 +211,14 @@ def cache_copy(built, tmp_path):
     return copy, copy / Path(result["path"]).name
 
 
-def recorded_releases() -> list[dict]:
-    return yaml.safe_load((REPO / "changelogs" / "releases.yml").read_text())["releases"]
-
-
-@pytest.mark.parametrize("release", recorded_releases(), ids=lambda release: release["version"])
+@pytest.mark.parametrize("release", release_source.releases(), ids=lambda release: release["version"])
 def test_every_recorded_release_builds_its_wheelhouse_from_git_history(release, built, tmp_path):
     """What an upgrade test installs first: a release's rmsd, constraints and lock, taken from the commit
-    changelogs/releases.yml records for it (git archive), built into a wheelhouse like the tree's (in a copy of
-    the tree's cache: the build backend is there, and the tests of the cache see only the tree's build)."""
+    changelogs/releases.yml records for it (scripts/release_source.py: git archive), built into a wheelhouse like
+    the tree's (in a copy of the tree's cache: the build backend is there, and the tests of the cache see only the
+    tree's build)."""
     cache_dir, _tree_tar = cache_copy(built, tmp_path)
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", release["commit"], "rmsd/src",
-                              "rmsd/pyproject.toml", "constraints.txt", str(LOCK)],
-                             capture_output=True, timeout=60, check=False)
-    assert archive.returncode == 0, (f"commit {release['commit']} of release {release['version']} is not in this "
-                                     f"checkout's history: {archive.stderr.decode()}")
-    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
-        tar.extractall(tmp_path / "source", filter="data")
+    release_source.extract(release, tmp_path / "source")
     result = run_wheelhouse(build_args(tmp_path / "source", cache_dir))
     assert result["rmsd_version"] == release["version"]
     rmsd_wheels = [name for name in members_of(result["path"]) if name.startswith("rmsd-")]

@@ -78,6 +78,13 @@ def _cluster_info(args) -> int:
     return 0 if info["exists"] else 1
 
 
+def _migrate(args) -> int:
+    print(json.dumps(admin.migrate_schema(database_url=args.database_url,
+                                          database_password=os.environ.get("RMSD_DATABASE_PASSWORD"),
+                                          check_mode=args.check)))
+    return 0
+
+
 def _issuer_init(args) -> int:
     created = demo_issuer.init(Path(args.dir))
     print(json.dumps({"changed": created, "issuer": demo_issuer.ISSUER, "audience": demo_issuer.AUDIENCE,
@@ -180,6 +187,18 @@ def parser() -> argparse.ArgumentParser:
                    "or postgresql+psycopg://rms@db.example.com/rms); the password comes from RMSD_DATABASE_PASSWORD")
     s.add_argument("--name", required=True, help="the cluster's name")
     s.set_defaults(func=_cluster_info)
+
+    s = sub.add_parser(
+        "migrate", help="bring a configuration database's schema to this rmsd's revision (once, under a lock)",
+        description="Migrate the schema of a configuration database to the revision this rmsd works on, in one "
+        "transaction under a lock, and print the revisions before and after as JSON. Migrations only add, so nodes "
+        "of the release before keep working on the migrated schema; a node of this release refuses to start "
+        "before it. A newer schema is left as it is when this rmsd can work on it, and refused otherwise. The "
+        "password comes from RMSD_DATABASE_PASSWORD.",
+    )
+    s.add_argument("--database-url", required=True, metavar="URL", help="the configuration database (SQLAlchemy URL)")
+    s.add_argument("--check", action="store_true", help="report what would change; change nothing")
+    s.set_defaults(func=_migrate)
 
     s = sub.add_parser(
         "status-page", help="render a fleet-state JSON file as the HTML status page GET /status serves",

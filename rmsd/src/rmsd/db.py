@@ -22,7 +22,7 @@ T = TypeVar("T")
 # The newest migration under migrations/versions. Every module run compares the database with it, so it
 # is a constant rather than read through alembic (whose import and script scan cost a module run a good
 # part of a second); rmsd/tests/test_admin.py checks it is alembic's head.
-HEAD_REVISION = "0006"
+HEAD_REVISION = "0007"
 POOL_SIZE, POOL_OVERFLOW = 16, 24  # per process (worker); PostgreSQL's default max_connections is 100
 # A planned switchover leaves no primary for a second or two: a write waits that out (asking again every
 # PRIMARY_POLL_SECONDS) instead of failing. After PRIMARY_WAIT_SECONDS it gets 503 with Retry-After, well within
@@ -328,12 +328,71 @@ def schema_current(conn: sa.Connection) -> bool:
     return schema_revision(conn) == HEAD_REVISION
 
 
-def migrate(conn: sa.Connection) -> None:
-    """Bring the schema to the newest revision inside the caller's (locked) transaction."""
-    if not schema_current(conn):
-        from alembic.command import upgrade
+# Expand, then contract: a release's migrations only add (tables, columns with defaults), so that the nodes of the
+# release before keep working on the migrated schema while a fleet upgrades one node at a time; what they read
+# is removed one release later. The schema records the oldest revision whose code still works on it
+# (schema_compatibility, from revision 0007 on), which a migration that removes raises.
 
-        upgrade(_alembic_config(conn), "head")
+
+def _number(revision: str | None) -> int | None:
+    return int(revision) if revision is not None and revision.isascii() and revision.isdigit() else None
+
+
+def older_schema(revision: str | None) -> bool:
+    """Whether a schema at `revision` is one this rmsd migrates (older than its own)."""
+    number = _number(revision)
+    return number is not None and number < int(HEAD_REVISION)
+
+
+def check_schema(conn: sa.Connection, revision: str | None) -> None:
+    """RmsdError, naming both sides, unless this rmsd can work on a schema at `revision`: its own, or a newer
+    one whose migrations kept what this code reads. A schema older than this code's it cannot use: the
+    database must be migrated first (which leaves it usable by the nodes of the release before)."""
+    if revision == HEAD_REVISION:
+        return
+    from rmsd import __version__
+
+    number = _number(revision)
+    if number is None:
+        raise RmsdError(f"the configuration database has schema revision {revision!r}, which no rmsd release "
+                        f"writes; this rmsd {__version__} works on revision {HEAD_REVISION}")
+    if number < int(HEAD_REVISION):
+        raise RmsdError(
+            f"the configuration database's schema is at revision {revision}, older than revision {HEAD_REVISION}, "
+            f"which this rmsd {__version__} works on. Migrate it first with this rmsd (`rmsd migrate`, or any "
+            "change it makes to a cluster), under a lock and once for all nodes; nodes of the release before "
+            "keep working on the migrated schema.")
+    row = conn.execute(sa.text("SELECT oldest_reader, migrated_by FROM schema_compatibility")).one_or_none()
+    oldest = row.oldest_reader if row is not None else revision
+    oldest_number = _number(oldest)
+    if oldest_number is None or oldest_number > int(HEAD_REVISION):
+        by = f"rmsd {row.migrated_by}" if row is not None and row.migrated_by else "a newer rmsd"
+        raise RmsdError(
+            f"the configuration database's schema is at revision {revision} (migrated by {by}), which rmsd "
+            f"older than revision {oldest} cannot work on; this rmsd {__version__} works on revision "
+            f"{HEAD_REVISION}. Upgrade this node to {by}.")
+
+
+def migrate(conn: sa.Connection) -> bool:
+    """Bring the schema to this rmsd's revision inside the caller's transaction, under a lock that every
+    migration takes (two processes upgrading at once: the second finds it done). A newer schema is left as it
+    is when this rmsd can work on it (check_schema), and refused otherwise. True when this call migrated it."""
+    if schema_current(conn):
+        return False
+    lock(conn, "schema")
+    revision = schema_revision(conn)
+    if revision == HEAD_REVISION:
+        return False
+    if revision is not None and not older_schema(revision):
+        check_schema(conn, revision)
+        return False
+    from alembic.command import upgrade
+
+    from rmsd import __version__
+
+    upgrade(_alembic_config(conn), "head")
+    conn.execute(sa.text("UPDATE schema_compatibility SET migrated_by = :version"), {"version": __version__})
+    return True
 
 
 def connect_error(err: Exception, database_url: str) -> RmsdError:

@@ -180,6 +180,8 @@ class Node:
 
     def _read_state_on(self, conn: sa.Connection) -> ClusterState:
         """One read of the cluster (db.read sends it once more on a new connection if this one breaks)."""
+        revision = db.read_schema_revision(conn)
+        db.check_schema(conn, revision)  # at start, and should the schema change under a running node
         row = clusters.get_cluster(conn, self.config.cluster)
         if row is None:
             raise RmsdError(f"cluster {self.config.cluster!r} is not in the configuration database")
@@ -196,7 +198,7 @@ class Node:
         if row.role == "licensing":
             chain.append(clusters.root_slc_row(conn, row.id, slc.issuer_key_id).pem)
         trusted = [(pki.cert_key_id(slc), slc) for slc in clusters.trust_anchors(conn, row)]
-        return ClusterState(row, active, slc.pem, chain, trusted, revoked, db.read_schema_revision(conn))
+        return ClusterState(row, active, slc.pem, chain, trusted, revoked, revision)
 
     def snapshot(self) -> ClusterState:
         """The cluster as anyone may ask for it (GET /health, GET /slc): read at most about `snapshot_seconds`

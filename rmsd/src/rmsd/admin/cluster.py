@@ -145,7 +145,7 @@ def _update_cluster(store: Store, current, wanted, unlock: Unlock, enrollment: E
         )
     changes = {k: wanted[k] for k in ("state", "intranet_url", "extranet_url") if current[k] != wanted[k]}
     revision = current.pop("schema_revision")
-    if revision != db.HEAD_REVISION:
+    if db.older_schema(revision):
         changes["schema_revision"] = db.HEAD_REVISION  # store.writing migrates
     root = None
     untrusted, trusted = current.pop("untrusted_root_key_ids"), current.pop("trusted_root_key_ids")
