@@ -591,10 +591,17 @@ def test_restart_drains_the_node_first(deployment):
     traffic.assert_no_failure()
     for node, pid in rmsd_pids.items():
         assert dep.supervisorctl(node, "pid", "rmsd").strip() != pid, f"rmsd of {node} was not restarted"
-    assert re.search(r"TASK \[Drain this node on its load balancer\] \*+\n(.*\n)*?skipping: \[node3\]", output), output
-    assert re.search(r"TASK \[rmsops\.rms\.load_balancer : Set the member's state on the balancer: "
-                     r"node2 drain on lb1\] \*+\nchanged: \[node2 -> lb1\]", output), output
-    assert re.search(r"node2 ready on lb1\] \*+\nchanged: \[node2 -> lb1\]", output), output
+    assert re.search(r"TASK \[Drain the node on its load balancer: node3\] \*+\nskipping: \[node2\]", output), output
+    drained = re.search(r"TASK \[rmsops\.rms\.load_balancer : Set the member's state on the balancer: "
+                        r"node2 drain on lb1\] \*+\nchanged: \[node2 -> lb1\]", output)
+    ready = re.search(r"node2 ready on lb1\] \*+\nchanged: \[node2 -> lb1\]", output)
+    # node2 runs the restarts (run_once), each on the node's host: its own shows as [node2], node3's as delegated.
+    restarts = [(m.group(1) or "node2", m.start()) for m in re.finditer(
+        r"TASK \[rmsops\.rms\.server : Restart rmsd under supervisord\] \*+\nchanged: \[node2(?: -> (node\d))?\]",
+        output)]
+    # One node at a time: node2 drained, restarted, back in service, and only then node3 restarted.
+    assert drained and ready and [node for node, _ in restarts] == ["node2", "node3"], output
+    assert drained.start() < restarts[0][1] < ready.start() < restarts[1][1], output
     # The node was drained before it went down, and back in service after.
     assert statuses[:2] == ["UP", "DRAIN"], statuses
     assert "DOWN" in statuses[2:] and statuses[-1] == "UP", statuses
