@@ -12,7 +12,16 @@ import tomllib
 import httpx
 import pytest
 import tomli_w
-from conftest import KEY_PASSWORD, RMSD, cluster_key, configure_node, make_issuer, provision, sqlite_database
+from conftest import (
+    KEY_PASSWORD,
+    RMSD,
+    cluster_key,
+    configure_node,
+    free_port,
+    make_issuer,
+    provision,
+    sqlite_database,
+)
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509 import CertificateSigningRequestBuilder, Name, NameAttribute
@@ -20,7 +29,7 @@ from cryptography.x509.oid import NameOID
 from joserfc import jwt
 from joserfc.jwk import RSAKey
 
-from rmsd import admin, db, demo_issuer, pki
+from rmsd import __version__, admin, db, demo_issuer, pki
 from rmsd.client import RmsClient, ServiceError, User, decrypt_content, encrypt_content, open_use_license
 from rmsd.schema import utcnow
 
@@ -288,6 +297,34 @@ def test_demo_roundtrip_command(node):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "round trip OK" in proc.stdout
+
+
+def check_roundtrip(url: str, token: str | None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RMSD_BEARER_TOKEN"}
+    if token is not None:
+        env["RMSD_BEARER_TOKEN"] = token
+    return subprocess.run([str(RMSD), "check-roundtrip", "--url", url], capture_output=True, text=True, timeout=120,
+                          env=env)
+
+
+def test_check_roundtrip_command_goes_through_one_node_with_a_users_token(node, tmp_path):
+    """What a rollout asks of a restarted node before it takes traffic again: a user's RAC, a document it
+    publishes, a use license that opens it, through that node; the token never shows."""
+    token = node.token("carol@example.com")
+    proc = check_roundtrip(node.url, token)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["node"] == "n1" and result["cluster"] == "c1" and result["version"] == __version__
+    assert result["content_id"].startswith("rmsd-roundtrip-check-")
+    assert node.database.count("content", content_id=result["content_id"], owner="carol@example.com") == 1
+    stranger = demo_issuer.token(make_issuer(tmp_path / "other-issuer"), "carol@example.com")
+    for given, message in ((None, "set RMSD_BEARER_TOKEN"), ("not-a-jwt", "not a JWT with a subject"),
+                           (stranger, "the round trip through " + node.url + " failed: HTTP 401")):
+        proc = check_roundtrip(node.url, given)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and (given is None or given not in proc.stdout + proc.stderr)
+    proc = check_roundtrip(f"http://127.0.0.1:{free_port()}", token)
+    assert proc.returncode == 2 and "ConnectError" in proc.stderr and token not in proc.stderr, proc.stderr
 
 
 def test_health_answers_without_a_token(node):

@@ -85,6 +85,25 @@ def _migrate(args) -> int:
     return 0
 
 
+def _check_roundtrip(args) -> int:
+    import httpx
+
+    from rmsd.client import ServiceError
+    from rmsd.smoke import roundtrip
+
+    token = os.environ.get("RMSD_BEARER_TOKEN", "").strip()
+    if not token:
+        raise RmsdError("set RMSD_BEARER_TOKEN to a bearer token of a user allowed to publish (never on the command "
+                        "line, where other users of the host read it)")
+    try:
+        print(json.dumps(roundtrip(args.url, token, args.ca)))
+    except ServiceError as err:
+        raise RmsdError(f"the round trip through {args.url} failed: HTTP {err.status} {err.detail}") from None
+    except httpx.HTTPError as err:  # refused, reset, timed out, TLS not verified
+        raise RmsdError(f"the round trip through {args.url} failed: {type(err).__name__}: {err}") from None
+    return 0
+
+
 def _issuer_init(args) -> int:
     created = demo_issuer.init(Path(args.dir))
     print(json.dumps({"changed": created, "issuer": demo_issuer.ISSUER, "audience": demo_issuer.AUDIENCE,
@@ -237,6 +256,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--key-type", choices=("ec", "rsa"), default="ec",
                    help="type of a new key: ec (P-256, default) or rsa (2048 bits); an existing key is kept")
     s.set_defaults(func=_tls_request)
+
+    s = sub.add_parser(
+        "check-roundtrip", help="a real RAC -> PL -> UL round trip through one node, with RMSD_BEARER_TOKEN's user",
+        description="Get a RAC for the user of the bearer token in RMSD_BEARER_TOKEN, publish a small document as its "
+        "owner, get a use license for it and open it: through the node at --url alone. Prints the node, its version, "
+        "the cluster and the content id as JSON; fails (exit 2) saying what failed.",
+    )
+    s.add_argument("--url", required=True, help="the node's base URL (not its balancer's)")
+    s.add_argument("--ca", metavar="FILE", help="the CA certificate that issued the node's TLS certificate")
+    s.set_defaults(func=_check_roundtrip)
 
     s = sub.add_parser("demo-roundtrip", help="RAC -> PL -> UL over HTTP, then open the content")
     s.add_argument("--url", required=True, help="the node's (or its balancer's) base URL")

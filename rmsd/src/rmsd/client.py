@@ -53,8 +53,9 @@ class User:
 
 
 class RmsClient:
-    def __init__(self, base_url: str, timeout: float = 10.0):
-        self.http = httpx.Client(base_url=base_url, timeout=timeout)
+    def __init__(self, base_url: str, timeout: float = 10.0, ca_file: str | None = None):
+        # ca_file: the CA that issued the node's certificate (a private CA), else the system's.
+        self.http = httpx.Client(base_url=base_url, timeout=timeout, verify=ca_file if ca_file else True)
 
     def _call(self, method: str, path: str, token: str | None = None, body: dict | None = None) -> dict:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
