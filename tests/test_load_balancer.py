@@ -602,9 +602,9 @@ def test_restart_drains_the_node_first(deployment):
     # One node at a time: node2 drained, restarted, back in service, and only then node3 restarted.
     assert drained and ready and [node for node, _ in restarts] == ["node2", "node3"], output
     assert drained.start() < restarts[0][1] < ready.start() < restarts[1][1], output
-    # The node was drained before it went down, and back in service after.
-    assert statuses[:2] == ["UP", "DRAIN"], statuses
-    assert "DOWN" in statuses[2:] and statuses[-1] == "UP", statuses
+    # The node was drained before it went down (the restart comes after the drain, above), and back in service
+    # after. Whether HAProxy's checks saw it down depends on how fast it came back: not asserted.
+    assert statuses[:2] == ["UP", "DRAIN"] and statuses[-1] == "UP", statuses
     assert dep.servers("lb1")["node2"]["admin"] == 0
 
 
