@@ -84,6 +84,23 @@ schema_revision:
   type: str
   sample: "0006"
   version_added: 0.2.0
+schema_compatibility:
+  description:
+    - Which rmsd can work on the configuration database's schema, as the schema records it (from schema revision 0007
+      on; empty before, and when the cluster does not exist). Migrations only add, so rmsd of an older revision
+      keeps working until a release removes what it reads.
+  returned: always
+  type: dict
+  contains:
+    oldest_reader:
+      description: The oldest schema revision whose rmsd still works on this schema.
+      type: str
+      sample: "0006"
+    migrated_by:
+      description: The rmsd version that last migrated the schema.
+      type: str
+      sample: 0.2.0
+  version_added: 0.2.0
 cluster:
   description: The cluster (empty if it does not exist).
   returned: always

@@ -53,6 +53,8 @@ def serve_refused(config_path, tmp_path) -> str:
 
 def test_a_new_database_records_what_can_work_on_it(database):
     provision(database)
+    assert admin.cluster_info(name="c1", **database.admin_args())["schema_compatibility"] == {
+        "oldest_reader": LAST_RELEASE_REVISION, "migrated_by": __version__}
     assert migrate(database) == {"changed": False, "revision_before": db.HEAD_REVISION,
                                  "revision": db.HEAD_REVISION, "oldest_reader": LAST_RELEASE_REVISION,
                                  "migrated_by": __version__}
@@ -89,6 +91,9 @@ def test_a_node_works_on_a_newer_schema_that_only_added(database, tmp_path):
         stop_node(process)
     # Neither an admin run nor `rmsd migrate` takes a newer schema for one to migrate (nor back).
     assert not provision(database).changed
+    info = admin.cluster_info(name="c1", **database.admin_args())
+    assert info["schema_revision"] == newer
+    assert info["schema_compatibility"] == {"oldest_reader": db.HEAD_REVISION, "migrated_by": "9.8.0"}
     assert migrate(database) == {"changed": False, "revision_before": newer, "revision": newer,
                                  "oldest_reader": db.HEAD_REVISION, "migrated_by": "9.8.0"}
 

@@ -338,6 +338,14 @@ def _number(revision: str | None) -> int | None:
     return int(revision) if revision is not None and revision.isascii() and revision.isdigit() else None
 
 
+def schema_compatibility(conn: sa.Connection) -> dict:
+    """{oldest_reader, migrated_by} as the schema records them (revision 0007 on); {} before."""
+    if not sa.inspect(conn).has_table("schema_compatibility"):
+        return {}
+    row = conn.execute(sa.text("SELECT oldest_reader, migrated_by FROM schema_compatibility")).one_or_none()
+    return {} if row is None else {"oldest_reader": row.oldest_reader, "migrated_by": row.migrated_by}
+
+
 def older_schema(revision: str | None) -> bool:
     """Whether a schema at `revision` is one this rmsd migrates (older than its own)."""
     number = _number(revision)

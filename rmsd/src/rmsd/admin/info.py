@@ -12,7 +12,7 @@ HEARTBEAT_STALE_AFTER = 3  # heartbeats missed before a node counts as down
 EMPTY = {
     "exists": False, "cluster": {}, "nodes": [], "cluster_keys": [], "slc": {}, "root_slc": {},
     "untrusted_root_key_ids": [], "content_per_key": {}, "rights_templates": [], "enrollment_credentials": [],
-    "enrollments": [], "republishing": [], "schema_revision": None,
+    "enrollments": [], "republishing": [], "schema_revision": None, "schema_compatibility": {},
 }
 
 
@@ -51,6 +51,7 @@ def _info(conn, name) -> dict | None:
     return {
         "exists": True,
         "schema_revision": db.read_schema_revision(conn),
+        "schema_compatibility": db.schema_compatibility(conn),
         "cluster": view,
         "nodes": nodes,
         "cluster_keys": keys,

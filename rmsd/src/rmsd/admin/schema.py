@@ -34,7 +34,4 @@ def migrate_schema(*, database_url, database_password=None, check_mode=False) ->
 
 
 def _compatibility(conn: sa.Connection) -> dict:
-    if not sa.inspect(conn).has_table("schema_compatibility"):
-        return {"oldest_reader": None, "migrated_by": None}
-    row = conn.execute(sa.text("SELECT oldest_reader, migrated_by FROM schema_compatibility")).one()
-    return {"oldest_reader": row.oldest_reader, "migrated_by": row.migrated_by}
+    return {"oldest_reader": None, "migrated_by": None, **db.schema_compatibility(conn)}
