@@ -127,13 +127,13 @@ pytest: venv collection
 	$(BIN)/pytest $(PYTEST_ARGS) tests
 
 # Two lanes side by side (much of a scenario's time is waiting), about as long as each other:
-# cluster, hsm, key_rotation and backup_restore one after the other; hosts (podman containers
-# reached over SSH) and default beside them. cluster, hsm and key_rotation share rmsd's virtualenv
+# cluster, hsm, key_rotation, backup_restore and default one after the other; hosts (podman
+# containers reached over SSH, the longest) beside them. cluster, hsm and key_rotation share rmsd's virtualenv
 # under build/: cluster installs it first, the others find it installed and change nothing. Every
 # scenario installs from the same wheelhouse, built once in the controller's cache. Scenarios that may
 # run at the same time use addresses of their own. scripts/molecule-lanes.sh keeps each scenario's
 # output in build/molecule-logs/, prints it whole when it ends, and ends with a recap of why any failed.
-MOLECULE_LANES := cluster,hsm,key_rotation,backup_restore hosts,default
+MOLECULE_LANES := cluster,hsm,key_rotation,backup_restore,default hosts
 MOLECULE_LOGS := $(BUILD)/molecule-logs
 
 molecule: venv collection
