@@ -365,7 +365,13 @@ def test_busy_connections_at_the_cap_get_a_503_problem_document(capped_node):
     try:
         for sock in busy:
             sock.sendall(b"POST /certification HTTP/1.1\r\nHost: rmsd\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: 100\r\n\r\n{")
+                         b"Content-Length: 100\r\nExpect: 100-continue\r\n\r\n")
+        # The event that each one is busy: the node has its headers and waits for its body ("100 Continue").
+        # Without it, a connection whose headers the node has not read yet counts as waiting for a request, and
+        # the client would take its place.
+        for sock in busy:
+            assert _read_until(sock, b"100 Continue\r\n\r\n").startswith(b"HTTP/1.1 100 Continue")
+            sock.sendall(b"{")
         response = httpx.get(f"{url}/health", timeout=SAFETY_TIMEOUT)
         assert response.status_code == 503, response.text
         assert response.headers["content-type"] == limits.PROBLEM_JSON
@@ -378,6 +384,15 @@ def test_busy_connections_at_the_cap_get_a_503_problem_document(capped_node):
     eventually(lambda: _assert_served(url), timeout=SAFETY_TIMEOUT)
     text = log_path.read_text()
     assert text.count("connections (max_connections)") == 1, text[-3000:]
+
+
+def _read_until(sock: socket.socket, end: bytes) -> bytes:
+    data = b""
+    while not data.endswith(end):
+        chunk = sock.recv(1)  # the socket's SAFETY_TIMEOUT bounds each read
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    return data
 
 
 def _assert_served(url: str) -> None:
