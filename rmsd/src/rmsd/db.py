@@ -370,11 +370,11 @@ def check_schema(conn: sa.Connection, revision: str | None) -> None:
             f"which this rmsd {__version__} works on. Migrate it first with this rmsd (`rmsd migrate`, or any "
             "change it makes to a cluster), under a lock and once for all nodes; nodes of the release before "
             "keep working on the migrated schema.")
-    row = conn.execute(sa.text("SELECT oldest_reader, migrated_by FROM schema_compatibility")).one_or_none()
-    oldest = row.oldest_reader if row is not None else revision
+    recorded = schema_compatibility(conn)
+    oldest = recorded.get("oldest_reader") or revision
     oldest_number = _number(oldest)
     if oldest_number is None or oldest_number > int(HEAD_REVISION):
-        by = f"rmsd {row.migrated_by}" if row is not None and row.migrated_by else "a newer rmsd"
+        by = f"rmsd {recorded['migrated_by']}" if recorded.get("migrated_by") else "a newer rmsd"
         raise RmsdError(
             f"the configuration database's schema is at revision {revision} (migrated by {by}), which rmsd "
             f"older than revision {oldest} cannot work on; this rmsd {__version__} works on revision "
